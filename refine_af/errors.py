@@ -1,0 +1,8 @@
+"""Errors the CLI turns into exit code 2 with a message that names what to fix."""
+
+
+class InputError(Exception):
+    """Bad input: a missing file, a malformed record, an unknown config key or model.
+
+    Raised before any output is written, so a failed run leaves nothing half-done.
+    """
