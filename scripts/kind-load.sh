@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Load locally built images into the kind cluster (build them first:
+# scripts/build-images.sh).
+#   scripts/kind-load.sh [runtime-cpu|runtime-gpu|mlflow ...]   (default: runtime-cpu mlflow)
+set -euo pipefail
+here="${BASH_SOURCE[0]%/*}"; [[ "$here" != "${BASH_SOURCE[0]}" ]] || here=.
+# shellcheck source=lib.sh
+source "$here/lib.sh"
+
+require_tools docker kind || exit 1
+require_docker_daemon
+
+cluster="${KIND_CLUSTER_NAME:-refine-af}"
+images=("$@")
+((${#images[@]} > 0)) || images=(runtime-cpu mlflow)
+
+for name in "${images[@]}"; do
+  ref="$(image_ref "$name")"
+  docker image inspect "$ref" >/dev/null 2>&1 \
+    || die "image $ref not found locally; build it with scripts/build-images.sh $name"
+  refs=("$ref")
+  # k8s/ names the MLflow image under the default registry; keep that name loadable
+  # when REFINE_AF_IMAGE_REGISTRY points elsewhere.
+  if [[ "$name" == mlflow && "$REFINE_AF_IMAGE_REGISTRY" != "$DEFAULT_IMAGE_REGISTRY" ]]; then
+    default_ref="$DEFAULT_IMAGE_REGISTRY/mlflow:$REFINE_AF_IMAGE_TAG"
+    docker tag "$ref" "$default_ref"
+    refs+=("$default_ref")
+  fi
+  for r in "${refs[@]}"; do
+    log "loading $r into kind cluster $cluster"
+    kind load docker-image --name "$cluster" "$r"
+  done
+done

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Delete the minikube profile created by minikube-up.sh. The local credential
+# files k8s/base/secrets/*.env are kept.
+set -euo pipefail
+here="${BASH_SOURCE[0]%/*}"; [[ "$here" != "${BASH_SOURCE[0]}" ]] || here=.
+# shellcheck source=lib.sh
+source "$here/lib.sh"
+
+require_tools minikube || exit 1
+profile="${MINIKUBE_PROFILE:-refine-af}"
+log "deleting minikube profile $profile"
+minikube delete -p "$profile"

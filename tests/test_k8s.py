@@ -1,0 +1,589 @@
+"""Offline checks of the Kubernetes manifests in k8s/.
+
+Every kustomization is rendered with `kubectl kustomize` in a temporary copy of
+k8s/ where each `k8s/base/secrets/*.env.example` has been copied to the `.env`
+that the secretGenerator reads (the real `.env` files are gitignored and never
+needed here). The rendered objects are validated against the Kubernetes JSON
+schemas (kubernetes-validate) and checked against the deployment policy:
+resources, non-root and hardened containers, pinned images, probes, no
+plaintext credentials, NetworkPolicies, least-privilege RBAC.
+
+The remote kustomizations under k8s/kfp/ (Kubeflow Pipelines from GitHub) are
+not rendered offline; they are checked for a pinned release tag instead.
+
+`python tests/test_k8s.py` prints the rendered object count per kustomization.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+KUBECTL = shutil.which("kubectl")
+
+# The oldest Kubernetes minor the manifests must be valid for (kind and current
+# managed clusters run 1.33 or newer); kubernetes-validate 1.37.0 ships 1.33-1.37.
+K8S_SCHEMA_VERSION = "1.33"
+
+NAMESPACE = "refine-af"
+KFP_NAMESPACE = "kubeflow"
+STATEFUL_SERVICES = ("minio", "postgres", "mlflow")
+GENERATED_SECRETS = {
+    (NAMESPACE, "minio-root"): "minio-root.env",
+    (NAMESPACE, "postgres-credentials"): "postgres.env",
+    (NAMESPACE, "refine-af-s3"): "s3.env",
+    (KFP_NAMESPACE, "refine-af-s3"): "s3.env",
+}
+# Environment variable names that must never carry a literal value.
+SENSITIVE_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
+# Keys of the .env.example files whose values are secrets (not user names).
+SECRET_VALUE_NAME = re.compile(r"PASSWORD|SECRET", re.I)
+# user:password@ inside a URL.
+URL_CREDENTIALS = re.compile(r"://(?P<user>[^/@:\s]+):(?P<password>[^/@\s]+)@")
+ONLY_VAR_REFS = re.compile(r"^(\$\([A-Za-z_][A-Za-z0-9_]*\))+$")
+
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod"}
+CLUSTER_SCOPED_KINDS = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+}
+
+
+def _kustomization_dirs() -> list[str]:
+    """Directories under k8s/ to render: every kustomization except the remote
+    KFP ones and kustomize Components (which only build inside an overlay)."""
+    dirs = []
+    for path in sorted(K8S.rglob("kustomization.yaml")):
+        rel = path.parent.relative_to(K8S)
+        if rel.parts[:1] == ("kfp",):
+            continue
+        if yaml.safe_load(path.read_text()).get("kind") == "Component":
+            continue
+        dirs.append(str(rel))
+    return dirs
+
+
+KUSTOMIZATION_DIRS = _kustomization_dirs()
+OVERLAYS = [d for d in KUSTOMIZATION_DIRS if d.startswith("overlays/")]
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key] = value
+    return values
+
+
+def _render_tree(workdir: Path) -> Path:
+    """A copy of k8s/ with the .env files the secretGenerator needs."""
+    tree = workdir / "k8s"
+    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("*.env"))
+    for example in (tree / "base" / "secrets").glob("*.env.example"):
+        shutil.copyfile(example, example.with_name(example.name.removesuffix(".example")))
+    return tree
+
+
+def _kustomize(tree: Path, rel: str) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [KUBECTL, "kustomize", str(tree / rel)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, f"kubectl kustomize k8s/{rel} failed:\n{proc.stderr}"
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed; `kubectl kustomize` renders k8s/")
+    tree = _render_tree(tmp_path_factory.mktemp("render"))
+    return {rel: _kustomize(tree, rel) for rel in KUSTOMIZATION_DIRS}
+
+
+def _all_objects(rendered: dict[str, list[dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(rel, obj) for rel, objs in rendered.items() for obj in objs]
+
+
+def _pod_spec(obj: dict[str, Any]) -> dict[str, Any] | None:
+    kind = obj["kind"]
+    if kind == "Pod":
+        return obj["spec"]
+    if kind == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    if kind in WORKLOAD_KINDS:
+        return obj["spec"]["template"]["spec"]
+    return None
+
+
+def _containers(rendered):
+    """(where, pod spec, container) for every container and init container."""
+    seen = set()
+    for rel, obj in _all_objects(rendered):
+        spec = _pod_spec(obj)
+        if spec is None:
+            continue
+        for field in ("initContainers", "containers"):
+            for container in spec.get(field, []):
+                key = (obj["kind"], obj["metadata"]["name"], container["name"])
+                if key in seen:
+                    continue
+                seen.add(key)
+                yield (
+                    f"{rel}: {obj['kind']}/{obj['metadata']['name']}/{container['name']}",
+                    spec,
+                    container,
+                )
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return f"{obj['kind']}/{obj['metadata'].get('namespace', '-')}/{obj['metadata']['name']}"
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def test_kustomizations_found() -> None:
+    assert "." in KUSTOMIZATION_DIRS
+    assert "base" in KUSTOMIZATION_DIRS
+    assert {"overlays/kind", "overlays/minikube", "overlays/gpu"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("rel", KUSTOMIZATION_DIRS)
+def test_kustomization_renders(rendered, rel: str) -> None:
+    objs = rendered[rel]
+    assert objs, f"k8s/{rel} rendered nothing"
+    kinds = Counter(obj["kind"] for obj in objs)
+    assert kinds["Deployment"] >= 2 and kinds["StatefulSet"] == 1, kinds
+
+
+def test_real_tree_needs_the_uncommitted_env_files(tmp_path: Path) -> None:
+    """Without the .env files the render fails: nothing in git supplies credentials."""
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed")
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("*.env"))
+    proc = subprocess.run(
+        [KUBECTL, "kustomize", str(tree / "base")], capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert ".env" in proc.stderr
+
+
+def test_objects_validate_against_kubernetes_schemas(rendered) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    checked: set[str] = set()
+    failures = []
+    for rel, obj in _all_objects(rendered):
+        key = yaml.safe_dump(obj, sort_keys=True)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            kubernetes_validate.validate(obj, K8S_SCHEMA_VERSION, strict=True)
+        except Exception as exc:  # ValidationError, SchemaNotFoundError
+            failures.append(f"{rel}: {_name(obj)}: {exc}")
+    assert not failures, "\n".join(failures)
+
+
+def test_every_object_names_its_namespace(rendered) -> None:
+    for rel, obj in _all_objects(rendered):
+        if obj["kind"] in CLUSTER_SCOPED_KINDS:
+            continue
+        assert obj["metadata"].get("namespace") in {NAMESPACE, KFP_NAMESPACE}, (
+            f"{rel}: {_name(obj)}"
+        )
+
+
+def test_namespace_enforces_restricted_pod_security(rendered) -> None:
+    namespaces = [o for o in rendered["base"] if o["kind"] == "Namespace"]
+    assert [ns["metadata"]["name"] for ns in namespaces] == [NAMESPACE]
+    labels = namespaces[0]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+# ---------------------------------------------------------------- containers
+
+
+def test_containers_have_requests_and_limits(rendered) -> None:
+    for where, _spec, container in _containers(rendered):
+        resources = container.get("resources", {})
+        for section in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources.get(section, {})), f"{where}: {section}"
+
+
+def test_containers_run_as_non_root_and_hardened(rendered) -> None:
+    for where, spec, container in _containers(rendered):
+        pod_sc = spec.get("securityContext", {})
+        sc = container.get("securityContext", {})
+        assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, where
+        uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+        assert isinstance(uid, int) and uid > 0, f"{where}: runAsUser {uid}"
+        assert sc.get("allowPrivilegeEscalation") is False, where
+        assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+        assert not sc.get("capabilities", {}).get("add"), where
+        assert not sc.get("privileged", False), where
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+        assert seccomp.get("type") == "RuntimeDefault", where
+        # All of our programs run with a read-only root; scratch space is an emptyDir.
+        assert sc.get("readOnlyRootFilesystem") is True, where
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert "/tmp" in mounts, f"{where}: no writable /tmp"
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        assert "emptyDir" in volumes[mounts["/tmp"]], where
+        assert not spec.get("hostNetwork") and not spec.get("hostPID"), where
+
+
+def test_pods_do_not_mount_api_tokens(rendered) -> None:
+    """Our servers never call the Kubernetes API."""
+    for rel, obj in _all_objects(rendered):
+        spec = _pod_spec(obj)
+        if spec is not None:
+            assert spec.get("automountServiceAccountToken") is False, f"{rel}: {_name(obj)}"
+
+
+IMAGE_REF = re.compile(
+    r"^(?P<repo>[a-z0-9]+(?:[._\-/][a-z0-9]+)*(?::\d+)?(?:/[a-z0-9._\-]+)*)"
+    r":(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127})(?:@sha256:[0-9a-f]{64})?$"
+)
+
+
+def test_images_are_pinned(rendered) -> None:
+    for where, _spec, container in _containers(rendered):
+        image = container["image"]
+        match = IMAGE_REF.match(image)
+        assert match, f"{where}: image {image!r} has no tag"
+        assert match["tag"] != "latest", f"{where}: {image} uses :latest"
+        assert container.get("imagePullPolicy", "IfNotPresent") != "Always", where
+
+
+def test_servers_have_probes(rendered) -> None:
+    servers = {}
+    for where, _spec, container in _containers(rendered):
+        servers.setdefault(container["name"], (where, container))
+    for name in STATEFUL_SERVICES:
+        assert name in servers, f"no container named {name}"
+        where, container = servers[name]
+        assert container.get("readinessProbe"), f"{where}: readinessProbe"
+        assert container.get("livenessProbe"), f"{where}: livenessProbe"
+
+
+def test_mlflow_health_probes_and_server_flags(rendered) -> None:
+    [deploy] = [
+        o
+        for o in rendered["base"]
+        if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow"
+    ]
+    [container] = deploy["spec"]["template"]["spec"]["containers"]
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health"
+    args = container["args"]
+    assert "--serve-artifacts" in args
+    assert "--artifacts-destination=s3://mlflow/" in args
+    assert "--allowed-hosts=$(MLFLOW_SERVER_ALLOWED_HOSTS)" in args
+    env = {e["name"]: e for e in container["env"]}
+    hosts = env["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
+    for host in (
+        "mlflow",
+        "mlflow.refine-af",
+        "mlflow.refine-af.svc",
+        "mlflow.refine-af.svc.cluster.local",
+    ):
+        assert host in hosts and f"{host}:5000" in hosts, host
+    assert "localhost:*" in hosts
+    # --backend-store-uri comes from MLFLOW_BACKEND_STORE_URI, built from Secret values.
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith(
+        "postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@postgres."
+    )
+    for name in (
+        "POSTGRES_USER",
+        "POSTGRES_PASSWORD",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://minio.refine-af.svc.cluster.local:9000"
+
+
+def test_bucket_job_creates_the_buckets(rendered) -> None:
+    [job] = [o for o in rendered["base"] if o["kind"] == "Job"]
+    script = "\n".join(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "mc mb --ignore-existing local/refine-af-artifacts local/mlflow" in script
+
+
+# ---------------------------------------------------------------- credentials
+
+
+def test_no_secret_manifests_are_committed() -> None:
+    for path in K8S.rglob("*.y*ml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict):
+                assert doc.get("kind") != "Secret", (
+                    f"{path} defines a Secret; use the secretGenerator"
+                )
+
+
+def test_env_examples_hold_placeholders_only() -> None:
+    examples = sorted((K8S / "base" / "secrets").glob("*.env.example"))
+    assert {p.name for p in examples} == {f"{f}.example" for f in GENERATED_SECRETS.values()}
+    for path in examples:
+        for key, value in _env_file(path).items():
+            if SECRET_VALUE_NAME.search(key):
+                assert value.startswith("change-me"), (
+                    f"{path}: {key} must be a change-me placeholder"
+                )
+
+
+def test_env_files_are_gitignored() -> None:
+    rules = (REPO / ".gitignore").read_text().split()
+    assert "*.env" in rules and "!*.env.example" in rules
+
+
+def test_rendered_secrets_come_only_from_the_generator(rendered) -> None:
+    examples = K8S / "base" / "secrets"
+    for rel, objs in rendered.items():
+        secrets = {
+            (o["metadata"]["namespace"], o["metadata"]["name"]): o
+            for o in objs
+            if o["kind"] == "Secret"
+        }
+        names = {(ns, re.sub(r"-[a-z0-9]{10}$", "", name)) for ns, name in secrets}
+        assert names == set(GENERATED_SECRETS), f"{rel}: {sorted(names)}"
+        for (ns, name), secret in secrets.items():
+            env_name = GENERATED_SECRETS[(ns, re.sub(r"-[a-z0-9]{10}$", "", name))]
+            expected = _env_file(examples / f"{env_name}.example")
+            decoded = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+            assert decoded == expected, f"{rel}: {ns}/{name}"
+            assert "stringData" not in secret
+
+
+def test_no_literal_credentials_in_env_or_configmaps(rendered) -> None:
+    for where, _spec, container in _containers(rendered):
+        for env in container.get("env", []):
+            value = env.get("value")
+            if value is None:
+                continue
+            assert not SENSITIVE_NAME.search(env["name"]), (
+                f"{where}: {env['name']} has a literal value"
+            )
+            for match in URL_CREDENTIALS.finditer(value):
+                for part in ("user", "password"):
+                    assert ONLY_VAR_REFS.match(match[part]), (
+                        f"{where}: {env['name']} embeds a credential"
+                    )
+    for rel, obj in _all_objects(rendered):
+        if obj["kind"] == "ConfigMap":
+            for key, value in obj.get("data", {}).items():
+                assert not SENSITIVE_NAME.search(key), f"{rel}: {_name(obj)} key {key}"
+                assert not URL_CREDENTIALS.search(value), f"{rel}: {_name(obj)} key {key}"
+
+
+# ---------------------------------------------------------------- KFP glue
+
+
+def test_kfp_launcher_points_at_refine_af_minio(rendered) -> None:
+    objs = rendered["base"]
+    [launcher] = [
+        o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "kfp-launcher"
+    ]
+    assert launcher["metadata"]["namespace"] == KFP_NAMESPACE
+    assert launcher["data"]["defaultPipelineRoot"] == "s3://refine-af-artifacts/pipelines"
+    s3 = yaml.safe_load(launcher["data"]["providers"])["s3"]["default"]
+    assert s3["endpoint"] == "minio.refine-af.svc.cluster.local:9000"
+    assert s3["disableSSL"] is True
+    assert s3["region"]
+    ref = s3["credentials"]["secretRef"]
+    assert s3["credentials"]["fromEnv"] is False
+    [secret] = [
+        o
+        for o in objs
+        if o["kind"] == "Secret"
+        and o["metadata"]["namespace"] == KFP_NAMESPACE
+        and o["metadata"]["name"] == ref["secretName"]
+    ]
+    assert {ref["accessKeyKey"], ref["secretKeyKey"]} <= set(secret["data"])
+
+
+def test_kfp_manifests_are_pinned_to_a_release() -> None:
+    """k8s/kfp/ pulls upstream manifests at render time: a tag, never a branch."""
+    refs = set()
+    kustomizations = sorted((K8S / "kfp").rglob("kustomization.yaml"))
+    assert [p.parent.name for p in kustomizations] == ["cluster-scoped", "platform-agnostic"]
+    for path in kustomizations:
+        resources = yaml.safe_load(path.read_text())["resources"]
+        assert resources, path
+        for resource in resources:
+            assert resource.startswith("github.com/kubeflow/pipelines/manifests/kustomize/"), (
+                resource
+            )
+            match = re.search(r"\?ref=(?P<ref>[^&]+)$", resource)
+            assert match, f"{path}: {resource} has no ?ref="
+            assert re.fullmatch(r"2\.17\.\d+", match["ref"]), (
+                f"{path}: ref {match['ref']} is not a 2.17.x tag"
+            )
+            refs.add(match["ref"])
+    assert len(refs) == 1, f"both KFP kustomizations must use the same release: {refs}"
+
+
+def test_pipeline_rbac_is_least_privilege(rendered) -> None:
+    objs = rendered["base"]
+    assert not [o for o in objs if o["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
+    roles = [o for o in objs if o["kind"] == "Role"]
+    assert {r["metadata"]["name"] for r in roles} >= {"refine-af-pipeline"}
+    for role in roles:
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], _name(role)
+            assert "*" not in rule.get("apiGroups", []), _name(role)
+            if "secrets" in rule["resources"]:
+                assert rule["verbs"] == ["get"] and rule.get("resourceNames"), _name(role)
+    [sa] = [o for o in objs if o["kind"] == "ServiceAccount"]
+    assert sa["metadata"] == {
+        **sa["metadata"],
+        "name": "refine-af-pipeline",
+        "namespace": KFP_NAMESPACE,
+    }
+
+
+# ---------------------------------------------------------------- network
+
+
+def _selects(policy: dict[str, Any], app: str) -> bool:
+    selector = policy["spec"]["podSelector"]
+    if selector.get("matchLabels", {}).get("app.kubernetes.io/name") == app:
+        return True
+    return any(
+        expr["key"] == "app.kubernetes.io/name"
+        and expr["operator"] == "In"
+        and app in expr["values"]
+        for expr in selector.get("matchExpressions", [])
+    )
+
+
+def test_network_policies_cover_every_stateful_service(rendered) -> None:
+    for rel, objs in rendered.items():
+        policies = [
+            o
+            for o in objs
+            if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == NAMESPACE
+        ]
+        deny = [
+            p
+            for p in policies
+            if p["spec"]["podSelector"] == {}
+            and p["spec"]["policyTypes"] == ["Ingress"]
+            and not p["spec"].get("ingress")
+        ]
+        assert deny, f"{rel}: no default-deny ingress policy"
+        for app in STATEFUL_SERVICES:
+            assert any(_selects(p, app) for p in policies), f"{rel}: no NetworkPolicy for {app}"
+
+
+def test_base_network_policies_admit_only_this_namespace_and_kfp(rendered) -> None:
+    policies = [o for o in rendered["base"] if o["kind"] == "NetworkPolicy"]
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from"), f"{_name(policy)}: a rule without `from` admits everyone"
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer, _name(policy)
+                if "namespaceSelector" in peer:
+                    assert peer["namespaceSelector"] == {
+                        "matchLabels": {"kubernetes.io/metadata.name": KFP_NAMESPACE}
+                    }, _name(policy)
+    [postgres] = [p for p in policies if _selects(p, "postgres")]
+    peers = [peer for rule in postgres["spec"]["ingress"] for peer in rule["from"]]
+    assert peers == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}]
+
+
+# ---------------------------------------------------------------- overlays
+
+
+def _node_ports(objs: list[dict[str, Any]]) -> dict[str, int]:
+    ports = {}
+    for obj in objs:
+        if obj["kind"] == "Service" and obj["spec"].get("type") == "NodePort":
+            for port in obj["spec"]["ports"]:
+                ports[f"{obj['metadata']['name']}:{port['port']}"] = port["nodePort"]
+    return ports
+
+
+def test_kind_node_ports_match_the_cluster_config(rendered) -> None:
+    node_ports = _node_ports(rendered["overlays/kind"])
+    assert node_ports == {
+        "mlflow:5000": 30500,
+        "minio:9000": 30900,
+        "minio:9001": 30901,
+        "ml-pipeline-ui-nodeport:80": 30880,
+    }
+    cluster = yaml.safe_load((K8S / "kind" / "cluster.yaml").read_text())
+    assert cluster["kind"] == "Cluster" and cluster["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+    mappings = [m for node in cluster["nodes"] for m in node.get("extraPortMappings", [])]
+    assert sorted(m["containerPort"] for m in mappings) == sorted(node_ports.values())
+    for mapping in mappings:
+        assert mapping["hostPort"] == mapping["containerPort"]
+        assert mapping["listenAddress"] == "127.0.0.1"
+    # allow-nodeports.yaml excludes the pod subnet it assumes.
+    assert cluster["networking"]["podSubnet"] == "10.244.0.0/16"
+    assert _node_ports(rendered["overlays/minikube"]) == node_ports
+
+
+def test_gpu_overlay_records_gpu_defaults(rendered) -> None:
+    [defaults] = [
+        o for o in rendered["overlays/gpu"] if o["metadata"]["name"] == "refine-af-gpu-defaults"
+    ]
+    data = defaults["data"]
+    assert data["GPU_NODE_SELECTOR_KEY"] == "nvidia.com/gpu.present"
+    assert data["GPU_NODE_SELECTOR_VALUE"] == "true"
+    assert data["GPU_TOLERATION_KEY"] == "nvidia.com/gpu"
+    doc = yaml.safe_load(data["gpu-defaults.yaml"])
+    assert doc["nodeSelector"] == {data["GPU_NODE_SELECTOR_KEY"]: data["GPU_NODE_SELECTOR_VALUE"]}
+    assert doc["tolerations"][0]["key"] == data["GPU_TOLERATION_KEY"]
+
+
+def object_counts(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    return {rel: len(objs) for rel, objs in rendered.items()}
+
+
+def test_object_counts(rendered, record_property) -> None:
+    counts = object_counts(rendered)
+    for rel, count in counts.items():
+        record_property(f"objects[{rel}]", count)
+    assert counts["."] == counts["base"]
+    for overlay in OVERLAYS:
+        assert counts[overlay] > counts["base"], overlay
+
+
+def main() -> None:
+    """Print the rendered object count of every kustomization."""
+    import tempfile
+
+    if KUBECTL is None:
+        sys.exit("kubectl is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = _render_tree(Path(tmp))
+        for rel in KUSTOMIZATION_DIRS:
+            objs = _kustomize(tree, rel)
+            kinds = Counter(o["kind"] for o in objs)
+            detail = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+            print(f"k8s/{rel if rel != '.' else ''}: {len(objs)} objects ({detail})")
+
+
+if __name__ == "__main__":
+    main()
