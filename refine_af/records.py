@@ -1,0 +1,153 @@
+"""Record types of the pipeline and their JSONL files: validated reads, atomic writes.
+
+Every stage reads and writes these, so a malformed line is reported once, here, with the
+file, line and field, and every file a stage finishes appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from refine_af import storage
+from refine_af.errors import InputError
+
+
+class Record(BaseModel):
+    """Base of every record: extra fields are kept out, missing fields are errors."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class SeedInstance(Record):
+    input: str
+    output: str
+
+
+class SeedTask(Record):
+    """A human-written task in Self-Instruct's seed format."""
+
+    id: str
+    name: str
+    instruction: str = Field(min_length=1)
+    instances: list[SeedInstance] = Field(min_length=1)
+    is_classification: bool
+
+
+class InstructionRecord(Record):
+    """An instruction of the pool: a seed, or one the model wrote and the filters kept."""
+
+    id: str
+    instruction: str = Field(min_length=1)
+    is_classification: bool
+    source: Literal["seed", "machine"]
+    most_similar: dict[str, float] = {}
+    avg_similarity_score: float | None = None
+
+
+class ExampleRecord(Record):
+    """An (instruction, input, output) triplet with its automated-feedback scores."""
+
+    id: str
+    instruction_id: str
+    instruction: str
+    input: str
+    output: str
+    scores: dict[str, float] = {}
+    reward: float | None = None
+    policy: Literal["rl", "base"]
+
+
+RecordT = TypeVar("RecordT", bound=Record)
+
+
+def _field_error(path: str, lineno: int, err: ValidationError) -> InputError:
+    problems = []
+    for problem in err.errors():
+        field = ".".join(str(part) for part in problem["loc"]) or "(record)"
+        problems.append(f"field '{field}': {problem['msg']}")
+    return InputError(f"{path}:{lineno}: " + "; ".join(problems))
+
+
+def parse_jsonl(text: str, model: type[RecordT], path: str) -> list[RecordT]:
+    """Validate every non-blank line; the first bad one stops with file:line and field."""
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        try:
+            records.append(model.model_validate(obj))
+        except ValidationError as err:
+            raise _field_error(path, lineno, err) from err
+    return records
+
+
+def read_records(path: str | os.PathLike[str], model: type[RecordT]) -> list[RecordT]:
+    """Read a JSONL file (local path or s3:// URI) of ``model`` records."""
+    uri = str(path)
+    try:
+        text = storage.read_text(uri)
+    except FileNotFoundError as err:
+        raise InputError(f"{uri}: file not found") from err
+    except UnicodeDecodeError as err:
+        raise InputError(f"{uri}: not UTF-8 text ({err.reason})") from err
+    return parse_jsonl(text, model, uri)
+
+
+def _as_json(row: BaseModel | Mapping[str, Any]) -> str:
+    data = row.model_dump(mode="json") if isinstance(row, BaseModel) else dict(row)
+    return json.dumps(data, ensure_ascii=False)
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: Iterable[BaseModel | Mapping[str, Any]]) -> int:
+    """Write rows atomically (temp file + rename, or one S3 put); returns the row count."""
+    lines = [_as_json(row) for row in rows]
+    storage.write_text(str(path), "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def quarantine_entry(reason: str, **context: Any) -> dict[str, Any]:
+    """A rejected or unparseable item, kept with why, so nothing is silently dropped."""
+    return {"reason": reason, **context}
+
+
+def append_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Append rows to a local journal and fsync, so a killed run loses at most a torn line."""
+    with path.open("a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """Read a journal written by ``append_jsonl``.
+
+    A torn last line (no newline: the run was killed mid-write) is cut off the file, so the
+    next append starts on a clean line; a bad complete line is corruption and stops the run.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    *complete, torn = data.split(b"\n")
+    rows = []
+    for lineno, line in enumerate(complete, start=1):
+        try:
+            rows.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{path}:{lineno}: corrupt journal line ({err})") from err
+    if torn:
+        with path.open("r+b") as handle:
+            handle.truncate(len(data) - len(torn))
+    return rows

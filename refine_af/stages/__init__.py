@@ -1,0 +1,1 @@
+"""One module per stage of the method; each exposes ``run(config, inputs…, outputs…)``."""
