@@ -117,3 +117,53 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         _stop_group(process)
+
+
+# --- models --------------------------------------------------------------------------------
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_hub() -> Iterator[None]:
+    """No test may reach a model hub: models are bundled or built by the fixtures."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("TOKENIZERS_PARALLELISM", "false")
+        yield
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir() -> Path:
+    """The bundled 135M instruct model as a safetensors folder (dequantized once, cached)."""
+    from refine_af import models
+
+    return Path(models.resolve(BUNDLED_MODEL))
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm_dir(bundled_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer Llama with the bundled model's tokenizer (fast tests)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    target = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
