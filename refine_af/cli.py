@@ -18,8 +18,7 @@ from rich.table import Table
 
 from refine_af import __version__
 from refine_af.config import RunConfig, load_config, preset_names
-from refine_af.errors import InputError
-from refine_af.tracking import TrackingUnavailable
+from refine_af.errors import InputError, TrackingUnavailable
 
 app = typer.Typer(
     help="REFINE-AF: bootstrap instructions with a small open LLM, improve the instance "

