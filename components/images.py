@@ -1,0 +1,14 @@
+"""The container images every component runs in: one place, pinned tags, overridable.
+
+``REFINE_AF_IMAGE_REGISTRY`` and ``REFINE_AF_IMAGE_TAG`` (read when the pipeline is
+compiled) point the components at a private registry; the defaults match
+``scripts/build-images.sh`` and ``images/README.md``.
+"""
+
+import os
+
+REGISTRY = os.environ.get("REFINE_AF_IMAGE_REGISTRY", "ghcr.io/refine-af")
+TAG = os.environ.get("REFINE_AF_IMAGE_TAG", "0.1.0")
+
+RUNTIME_CPU = f"{REGISTRY}/runtime-cpu:{TAG}"
+RUNTIME_GPU = f"{REGISTRY}/runtime-gpu:{TAG}"
