@@ -1,0 +1,310 @@
+"""Stage 6: evaluated model versions in the MLflow registry, and the gated promotion.
+
+Aliases, not stages (MLflow ≥ 2.9): an evaluated version gets ``challenger``, and
+``promote`` moves ``champion`` to it only when it beats the current champion by the
+configured gate on the same SuperNI instances. The evaluation figures, the decision and
+the evaluation run id are version tags, so the registry alone explains why a version is
+or is not champion. How a version was created (mlflow.transformers, plain artifacts) does
+not matter here: only its version number and tags do.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from refine_af import comparison, superni
+from refine_af.comparison import Comparison
+from refine_af.config import EvaluationSettings, RegistrySettings
+from refine_af.errors import InputError
+from refine_af.superni import EvaluationResult
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+EVAL = "refine_af.eval."
+PROMOTION = "refine_af.promotion."
+EVAL_RUN_TAG, EVAL_ARTIFACT_TAG = f"{EVAL}run_id", f"{EVAL}artifact"
+
+Decision = Literal["promoted", "forced", "rejected", "unchanged"]
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What ``promote`` decided, against which champion, and why."""
+
+    model_name: str
+    version: str
+    champion_before: str | None
+    decision: Decision
+    reasons: list[str]
+    comparison: Comparison | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def rejected(self) -> bool:
+        return self.decision == "rejected"
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    """One row of ``refine-af models list``."""
+
+    version: str
+    aliases: list[str]
+    created: datetime
+    source: str
+    tags: dict[str, str]
+
+
+# ---------------------------------------------------------------- lookups
+
+
+def _missing(error: MlflowException) -> bool:
+    return error.error_code in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
+
+
+def require_model(client: mlflow.MlflowClient, name: str) -> dict[str, str]:
+    """The registered model's aliases (alias → version); a missing model is bad input."""
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as error:
+        if _missing(error):
+            raise InputError(
+                f"no registered model {name!r} in the registry at {client.tracking_uri}"
+            ) from error
+        raise
+    return {alias: str(version) for alias, version in registered.aliases.items()}
+
+
+def require_version(client: mlflow.MlflowClient, name: str, version: str) -> ModelVersion:
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as error:
+        if _missing(error):
+            raise InputError(
+                f"registered model {name!r} has no version {version} "
+                f"in the registry at {client.tracking_uri}"
+            ) from error
+        raise
+
+
+def load_evaluation(client: mlflow.MlflowClient, model_version: ModelVersion) -> EvaluationResult:
+    """The stage 5 result a version was marked challenger with (from its evaluation run)."""
+    run_id = model_version.tags.get(EVAL_RUN_TAG)
+    artifact = model_version.tags.get(EVAL_ARTIFACT_TAG)
+    if not run_id or not artifact:
+        raise InputError(
+            f"version {model_version.version} of {model_version.name!r} has no evaluation; "
+            f"run `refine-af stage evaluate --version {model_version.version}` first"
+        )
+    origin = f"runs:/{run_id}/{artifact}"
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            local = client.download_artifacts(run_id, artifact, scratch)
+        except (MlflowException, OSError) as error:
+            raise InputError(
+                f"version {model_version.version}: evaluation {origin} cannot be read ({error})"
+            ) from error
+        return superni.parse_result(Path(local).read_text(), origin)
+
+
+# ---------------------------------------------------------------- challenger
+
+
+def evaluation_tags(result: EvaluationResult) -> dict[str, str]:
+    """Version tags that tie a version to its evaluation and show its figures."""
+    if not result.mlflow_run_id or not result.mlflow_artifact:
+        raise InputError(
+            f"the evaluation of {result.model} has no MLflow run; "
+            "produce it with `refine-af stage evaluate`"
+        )
+    return {
+        EVAL_RUN_TAG: result.mlflow_run_id,
+        EVAL_ARTIFACT_TAG: result.mlflow_artifact,
+        f"{EVAL}model": result.model,
+        f"{EVAL}data": result.data,
+        f"{EVAL}rougeL": f"{result.rougeL:.4f}",
+        f"{EVAL}rougeL_instances": f"{result.rougeL_instances:.4f}",
+        f"{EVAL}tasks": str(len(result.tasks)),
+        f"{EVAL}instances": str(result.instances),
+    }
+
+
+def mark_challenger(
+    client: mlflow.MlflowClient, model_name: str, version: str, evaluation: EvaluationResult
+) -> dict[str, str]:
+    """Tag ``version`` with its evaluation and point the ``challenger`` alias at it."""
+    model_version = require_version(client, model_name, version)
+    tags = evaluation_tags(evaluation)
+    try:
+        client.get_run(tags[EVAL_RUN_TAG])
+    except MlflowException as error:
+        if not _missing(error):
+            raise
+        raise InputError(
+            f"the evaluation run {tags[EVAL_RUN_TAG]} is not in the tracking store at "
+            f"{client.tracking_uri}; evaluate with this store so promote can read it"
+        ) from error
+    _write_tags(client, model_version, tags, prefix=EVAL)
+    client.set_registered_model_alias(model_name, CHALLENGER, str(version))
+    return tags
+
+
+# ---------------------------------------------------------------- promotion
+
+
+def check_gate(c: Comparison, gate: RegistrySettings) -> tuple[bool, list[str]]:
+    """Does the challenger beat the champion by the gate? Each condition says why."""
+    enough = c.pct_improved >= gate.min_pct_tasks_improved
+    kept_mean = c.mean_delta >= -gate.max_mean_drop
+    return enough and kept_mean, [
+        f"{c.pct_improved:.1f}% of tasks improved ({c.improved}/{c.tasks}; "
+        f"{'meets' if enough else 'below'} the required {gate.min_pct_tasks_improved:g}%)",
+        f"mean ROUGE-L {c.candidate_rougeL:.2f} vs champion {c.baseline_rougeL:.2f} "
+        f"(delta {c.mean_delta:+.2f}; {'within' if kept_mean else 'beyond'} the allowed drop "
+        f"of {gate.max_mean_drop:g})",
+    ]
+
+
+def _promotion_tags(
+    decision: Decision,
+    reasons: list[str],
+    champion: str | None,
+    compared: Comparison | None,
+    gate: RegistrySettings,
+) -> dict[str, str]:
+    tags = {
+        f"{PROMOTION}decision": decision,
+        f"{PROMOTION}reason": "; ".join(reasons),
+        f"{PROMOTION}against": champion or "none",
+        f"{PROMOTION}gate": (
+            f"min_pct_tasks_improved={gate.min_pct_tasks_improved:g}, "
+            f"max_mean_drop={gate.max_mean_drop:g}"
+        ),
+    }
+    if compared is not None:
+        tags.update(
+            {
+                f"{PROMOTION}pct_tasks_improved": f"{compared.pct_improved:.2f}",
+                f"{PROMOTION}tasks": f"{compared.improved} improved, {compared.ties} tied, "
+                f"{compared.worse} worse of {compared.tasks}",
+                f"{PROMOTION}mean_delta": f"{compared.mean_delta:.4f}",
+                f"{PROMOTION}ci95": f"[{compared.ci_low:.4f}, {compared.ci_high:.4f}]",
+            }
+        )
+    return tags
+
+
+def _write_tags(
+    client: mlflow.MlflowClient, model_version: ModelVersion, tags: dict[str, str], prefix: str
+) -> None:
+    """Make the ``prefix`` tags exactly ``tags``, writing only what changes (idempotent)."""
+    name, version = model_version.name, model_version.version
+    for key in sorted(k for k in model_version.tags if k.startswith(prefix) and k not in tags):
+        client.delete_model_version_tag(name, version, key)
+    for key, value in tags.items():
+        if model_version.tags.get(key) != value:
+            client.set_model_version_tag(name, version, key, value)
+
+
+def promote(
+    client: mlflow.MlflowClient,
+    model_name: str,
+    version: str | None,
+    gate: RegistrySettings,
+    evaluation: EvaluationSettings,
+    *,
+    force: bool = False,
+    reason: str | None = None,
+) -> Promotion:
+    """Move ``champion`` to ``version`` (default: the challenger) if it passes the gate.
+
+    The gate compares the version's evaluation with the champion's, task by task; with no
+    champion yet the first evaluated version wins. ``force`` promotes regardless and
+    records ``reason``. The decision and figures become version tags; promoting the
+    champion again changes nothing. Everything is read and checked before the first write.
+    """
+    if force and not (reason and reason.strip()):
+        raise InputError("--force needs --reason: say why the gate is overridden")
+    if reason and not force:
+        raise InputError("--reason is recorded only with --force")
+    aliases = require_model(client, model_name)
+    if version is None:
+        if CHALLENGER not in aliases:
+            raise InputError(
+                f"registered model {model_name!r} has no {CHALLENGER!r} alias; evaluate a "
+                "version with `refine-af stage evaluate --version N` or pass --version"
+            )
+        version = aliases[CHALLENGER]
+    model_version = require_version(client, model_name, version)
+    champion = aliases.get(CHAMPION)
+    if champion == str(version):
+        return Promotion(
+            model_name, str(version), champion, "unchanged", [f"version {version} is champion"]
+        )
+
+    compared, reasons = None, []
+    try:
+        challenger_eval = load_evaluation(client, model_version)
+        if champion is not None:
+            champion_eval = load_evaluation(client, require_version(client, model_name, champion))
+            compared = comparison.compare(
+                challenger_eval,
+                champion_eval,
+                tie_tolerance=evaluation.tie_tolerance,
+                bootstrap_samples=evaluation.bootstrap_samples,
+                seed=evaluation.seed,
+            )
+    except InputError as error:
+        if not force:
+            raise
+        reasons.append(f"no comparison: {error}")
+    if champion is None:
+        passed = True
+        reasons.append("no champion yet")
+    elif compared is not None:
+        passed, gate_reasons = check_gate(compared, gate)
+        reasons.extend(gate_reasons)
+    else:
+        passed = False
+    if force:
+        decision: Decision = "forced"
+        reasons.insert(0, f"forced: {reason.strip()}")
+    else:
+        decision = "promoted" if passed else "rejected"
+    tags = _promotion_tags(decision, reasons, champion, compared, gate)
+    tags[f"{PROMOTION}eval_run_id"] = model_version.tags.get(EVAL_RUN_TAG, "none")
+    if decision != "rejected":
+        tags[f"{PROMOTION}time"] = datetime.now(UTC).isoformat(timespec="seconds")
+    _write_tags(client, model_version, tags, prefix=PROMOTION)
+    if decision != "rejected":
+        client.set_registered_model_alias(model_name, CHAMPION, str(version))
+    return Promotion(model_name, str(version), champion, decision, reasons, compared, tags)
+
+
+# ---------------------------------------------------------------- listing
+
+
+def list_versions(client: mlflow.MlflowClient, model_name: str) -> list[VersionSummary]:
+    """Every version of the model, newest first, with its aliases and refine-af tags."""
+    aliases = require_model(client, model_name)
+    by_version: dict[str, list[str]] = {}
+    for alias, version in sorted(aliases.items()):
+        by_version.setdefault(version, []).append(alias)
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    return [
+        VersionSummary(
+            version=str(v.version),
+            aliases=by_version.get(str(v.version), []),
+            created=datetime.fromtimestamp(v.creation_timestamp / 1000, UTC),
+            source=v.source,
+            tags={k: val for k, val in v.tags.items() if k.startswith("refine_af.")},
+        )
+        for v in sorted(versions, key=lambda v: int(v.version), reverse=True)
+    ]
