@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,6 +19,9 @@ from rich.table import Table
 from refine_af import __version__
 from refine_af.config import RunConfig, load_config, preset_names
 from refine_af.errors import InputError, TrackingUnavailable
+
+if TYPE_CHECKING:
+    from refine_af.stages.evaluate import EvaluateOutcome
 
 app = typer.Typer(
     help="REFINE-AF: bootstrap instructions with a small open LLM, improve the instance "
@@ -108,20 +111,10 @@ def stage_instructions(
     (rejected candidates with their reason), quarantine.jsonl (unparseable or truncated
     output) and summary.json. Re-running with the same --out continues the run.
     """
-    from refine_af.generation import make_backend
     from refine_af.stages import instructions
 
     extra = [f"stage1.seed_tasks={seed_tasks}"] if seed_tasks else []
     run_config = _config(config, [*(overrides or []), *extra])
-    instructions.load_seeds(run_config.stage1)  # bad seed input stops before the model loads
-    err.print(f"loading model [bold]{run_config.model.base}[/] …")
-    backend = make_backend(
-        run_config.generation.backend,
-        run_config.model.base,
-        dtype=run_config.model.dtype,
-        device=run_config.model.device,
-        batch_size=run_config.generation.batch_size,
-    )
     target = run_config.stage1.num_instructions
     with Progress(
         TextColumn("[bold]instructions"),
@@ -138,7 +131,7 @@ def stage_instructions(
             rate = f"{counts['accepted'] / max(counts['candidates'], 1):.0%}"
             progress.update(task, completed=counts["accepted"], round=state.rounds, rate=rate)
 
-        result = instructions.run(run_config, out_dir, backend, workspace=workspace, on_round=show)
+        result = instructions.execute(run_config, out_dir, workspace=workspace, on_round=show)
     out.print(_summary_table(result.summary))
     if not result.summary["reached_target"]:
         err.print(
@@ -162,6 +155,451 @@ def _summary_table(summary: dict) -> Table:
     return table
 
 
+# ---------------------------------------------------------------- stage 2
+
+
+@stage_app.command("rlaf")
+def stage_rlaf(
+    instructions: Annotated[
+        Path, typer.Option("--instructions", "-i", help="stage 1's instructions.jsonl")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder (resumable)")],
+    config: ConfigOption = "local-cpu",
+    overrides: SetOption = None,
+    workspace: WorkspaceOption = Path("workspace"),
+) -> None:
+    """Stage 2: train the instance writer by RL from automated feedback (LoRA, trl).
+
+    Writes adapter/ (LoRA weights + tokenizer), rlaf_config.yaml, reward.json,
+    metrics.jsonl, reward_curves.png, samples.jsonl and summary.json; trainer checkpoints
+    in checkpoints/ let a re-run with the same --out continue. On GPUs, launch it with
+    `accelerate launch --num_processes N -m refine_af.cli stage rlaf` and the same options.
+    """
+    from accelerate import PartialState
+
+    from refine_af.stages import rlaf
+
+    run_config = _config(config, overrides)
+    rlaf.load_instructions(instructions, run_config.stage2)  # bad input stops before models load
+    err.print(f"loading scorers and policy [bold]{run_config.model.base}[/] …")
+    with Progress(
+        TextColumn("[bold]rlaf"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("reward {task.fields[reward]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not PartialState().is_main_process,
+    ) as progress:
+        task = progress.add_task("rlaf", total=run_config.stage2.max_steps, reward="-")
+
+        def show(step: int, total: int, metrics: dict[str, float]) -> None:
+            reward = metrics.get("reward")
+            shown = {} if reward is None else {"reward": f"{reward:.3f}"}
+            progress.update(task, completed=step, total=total, **shown)
+
+        result = rlaf.run(run_config, instructions, out_dir, workspace=workspace, on_step=show)
+    if result.summary:
+        out.print(_rlaf_table(result.summary, result.out_dir))
+
+
+def _rlaf_table(summary: dict, out_dir: Path) -> Table:
+    table = Table(title=f"stage 2 · rlaf ({summary['trainer']}) · {summary['seconds']} s")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("instructions", str(summary["instructions"]))
+    table.add_row("steps", str(summary["steps"]), style="bold")
+    for key in ("reward_first5", "reward_last5"):
+        value = summary[key]
+        table.add_row(key.replace("_", " "), "-" if value is None else f"{value:.4f}")
+    table.add_row("completions scored", str(summary["completions_scored"]))
+    for reason, count in summary["floored"].items():
+        table.add_row(f"floored: {reason}", str(count))
+    table.add_row("adapter", str(out_dir / summary["adapter"]), style="green")
+    return table
+
+
+# ---------------------------------------------------------------- stage 3 and 4
+
+
+@stage_app.command("instances")
+def stage_instances(
+    instructions: Annotated[
+        Path, typer.Option("--instructions", "-i", help="stage 1's instructions.jsonl")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    adapter: Annotated[
+        str | None,
+        typer.Option(help="stage 2's adapter folder (stage3.adapter); without it: the baseline"),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="write only shard i of n (0-based, e.g. 0/4); join with `stage merge`"),
+    ] = None,
+    config: ConfigOption = "local-cpu",
+    overrides: SetOption = None,
+    workspace: WorkspaceOption = Path("workspace"),
+) -> None:
+    """Stage 3: instances for the instructions, written by the policy and scored.
+
+    Writes examples.jsonl (the triplets with scores and reward), filtered.jsonl and
+    quarantine.jsonl (with reasons), alpaca.json, dataset/ (parquet + dataset card) and
+    summary.json. With --shard, writes that shard's records and shard.json instead.
+    """
+    from refine_af.feedback import CompositeReward, build_scorers
+    from refine_af.generation import make_backend
+    from refine_af.stages import instances
+
+    extra = [f"stage3.adapter={adapter}"] if adapter else []
+    run_config = _config(config, [*(overrides or []), *extra])
+    part = instances.Shard.parse(shard) if shard else None
+    # bad input stops before the models load
+    blocks = instances.assigned_blocks(
+        instances.load_instructions(instructions, run_config), run_config, part
+    )
+    instances.check_adapter(run_config)
+    names = [c.scorer for c in run_config.stage2.reward.components]
+    err.print(f"loading scorers and policy [bold]{instances.policy_reference(run_config)}[/] …")
+    reward = CompositeReward.from_settings(
+        run_config.stage2.reward, build_scorers(run_config.stage2.scorers, names)
+    )
+    backend = make_backend(
+        run_config.generation.backend,
+        instances.policy_reference(run_config),
+        dtype=run_config.model.dtype,
+        device=run_config.model.device,
+        batch_size=run_config.generation.batch_size,
+    )
+    with Progress(
+        TextColumn("[bold]instances"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("instructions · {task.fields[kept]} kept"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        task = progress.add_task("instances", total=sum(map(len, blocks)), kept=0)
+
+        def show(done: int, total: int, so_far: instances.Part) -> None:
+            progress.update(task, completed=done, kept=len(so_far.examples))
+
+        result = instances.run(
+            run_config,
+            instructions,
+            out_dir,
+            backend,
+            reward,
+            workspace=workspace,
+            shard=part,
+            on_block=show,
+        )
+    out.print(_instances_table(result.summary, part))
+    if part is None and not result.summary["kept"]:
+        err.print("[yellow]no example was kept; stage 4 needs some (see filtered.jsonl)[/]")
+
+
+@stage_app.command("merge")
+def stage_merge(
+    shards: Annotated[
+        list[Path], typer.Argument(help="shard folders of one `stage instances` run")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    workspace: WorkspaceOption = Path("workspace"),
+) -> None:
+    """Stage 3: join the shards of `stage instances --shard i/n` into the dataset.
+
+    The result is the same, byte for byte, as one unsharded run; the configuration is the
+    one the shards recorded.
+    """
+    from refine_af.stages import instances
+
+    result = instances.merge(shards, out_dir, workspace=workspace)
+    out.print(_instances_table(result.summary, None))
+
+
+def _instances_table(summary: dict, shard) -> Table:
+    where = f" · shard {shard.index}/{shard.count}" if shard else ""
+    title = f"stage 3 · instances ({summary['policy']} policy){where} · {summary['seconds']} s"
+    table = Table(title=title)
+    table.add_column("outcome")
+    table.add_column("count", justify="right")
+    table.add_row("instructions", str(summary["instructions"]))
+    table.add_row("completions sampled", str(summary["generations"]), style="bold")
+    table.add_row("kept", str(summary["kept"]), style="green")
+    for reason, count in summary["filtered"].items():
+        table.add_row(f"filtered: {reason}", str(count))
+    for reason, count in summary["quarantined"].items():
+        table.add_row(f"quarantined: {reason}", str(count))
+    table.add_row("instructions with examples", str(summary["instructions_with_examples"]))
+    reward = summary["mean_reward"]
+    table.add_row("mean reward of kept", "-" if reward is None else f"{reward:.4f}")
+    return table
+
+
+@stage_app.command("sft")
+def stage_sft(
+    examples: Annotated[Path, typer.Option("--examples", "-e", help="stage 3's examples.jsonl")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    config: ConfigOption = "local-cpu",
+    overrides: SetOption = None,
+    workspace: WorkspaceOption = Path("workspace"),
+) -> None:
+    """Stage 4: fine-tune a LoRA adapter on the examples (trl SFT) and register it.
+
+    Writes adapter/ (LoRA weights, tokenizer, model card), sft_config.yaml, metrics.jsonl
+    and summary.json; the adapter becomes a new version of stage6.model_name in the MLflow
+    registry unless stage4.register_model=false. On several GPUs:
+    `accelerate launch --num_processes N -m refine_af.cli stage sft ...`.
+    """
+    from accelerate import PartialState
+
+    from refine_af.stages import sft
+
+    run_config = _config(config, overrides)
+    sft.prepare(run_config, examples)  # bad input stops before the model loads
+    err.print(f"loading [bold]{run_config.model.base}[/] …")
+    with Progress(
+        TextColumn("[bold]sft"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not PartialState().is_main_process,
+    ) as progress:
+        task = progress.add_task("sft", total=None, loss="-")
+
+        def show(step: int, total: int, metrics: dict[str, float]) -> None:
+            loss = metrics.get("loss")
+            shown = {} if loss is None else {"loss": f"{loss:.3f}"}
+            progress.update(task, completed=step, total=total, **shown)
+
+        result = sft.run(run_config, examples, out_dir, workspace=workspace, on_step=show)
+    if result.summary:
+        out.print(_sft_table(result.summary))
+
+
+def _sft_table(summary: dict) -> Table:
+    table = Table(title=f"stage 4 · sft ({summary['policy']} policy data) · {summary['seconds']} s")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("train examples", str(summary["train_examples"]))
+    table.add_row(
+        "held-out examples (instructions)",
+        f"{summary['eval_examples']} ({summary['eval_instructions']})",
+    )
+    table.add_row("template", summary["template"])
+    table.add_row("steps (epochs)", f"{summary['steps']} ({summary['epochs']})", style="bold")
+    for key in ("train_loss", "eval_loss_before", "eval_loss"):
+        value = summary[key]
+        table.add_row(key.replace("_", " "), "-" if value is None else f"{value:.4f}")
+    table.add_row("adapter", str(summary["adapter"]), style="green")
+    version = summary["registered_version"]
+    registered = f"{summary['registered_model']} v{version}" if version else "not registered"
+    table.add_row("registered", registered)
+    return table
+
+
+# ---------------------------------------------------------------- stage 5 and 6
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="model to evaluate: builtin alias, folder (a LoRA adapter too), hub id, "
+            "s3:// prefix, or an earlier evaluation.json (default: model.base)",
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="compare with this model or evaluation.json")
+    ] = None,
+    version: Annotated[
+        str | None,
+        typer.Option(
+            help="the model is this version of stage6.model_name in the registry: tag it "
+            "with the scores and point the challenger alias at it"
+        ),
+    ] = None,
+    tasks: Annotated[
+        int | None, typer.Option(min=1, help="evaluate N tasks (seeded sample; stage5.tasks)")
+    ] = None,
+    per_task: Annotated[
+        int | None, typer.Option(min=1, help="first M instances per task (stage5.per_task)")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="SuperNI-format JSONL (default: the bundled test set)")
+    ] = None,
+    config: ConfigOption = "local-cpu",
+    overrides: SetOption = None,
+    workspace: WorkspaceOption = Path("workspace"),
+) -> None:
+    """Stage 5: zero-shot SuperNI ROUGE-L of a model, compared with a baseline.
+
+    Writes candidate/ and baseline/ (evaluation.json, predictions.jsonl), report.md and,
+    with --baseline, comparison.json and deltas.png (% of tasks improved, ties, mean delta
+    with a paired bootstrap 95% interval). Everything is logged to MLflow.
+    """
+    from refine_af import tracking
+    from refine_af.stages import evaluate, register
+
+    extra = [f"stage5.{key}={value}" for key, value in (("tasks", tasks), ("per_task", per_task))]
+    extra = [item for item in extra if not item.endswith("=None")]
+    if data:
+        extra.append(f"stage5.data={data}")
+    run_config = _config(config, [*(overrides or []), *extra])
+    registry = None
+    if version is not None:  # an unknown version stops before any model loads
+        registry = tracking.connect(workspace)
+        register.require_version(registry, run_config.stage6.model_name, version)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        bars: dict[str, int] = {}
+
+        def start(subject: str, total: int) -> None:
+            bars[subject] = progress.add_task(subject, total=total)
+
+        def advance(subject: str, done: int, total: int) -> None:
+            progress.update(bars[subject], completed=done)
+
+        outcome = evaluate.run(
+            run_config,
+            out_dir,
+            candidate=model or run_config.model.base,
+            baseline=baseline,
+            workspace=workspace,
+            on_start=start,
+            on_progress=advance,
+        )
+    out.print(_evaluation_table(outcome))
+    if registry is not None:
+        name = run_config.stage6.model_name
+        register.mark_challenger(registry, name, version, outcome.results[evaluate.CANDIDATE])
+        out.print(f"{name} version {version} → alias [bold]{register.CHALLENGER}[/]")
+
+
+def _evaluation_table(outcome: EvaluateOutcome) -> Table:
+    table = Table(title=f"stage 5 · evaluate · {outcome.seconds} s")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for name, result in outcome.results.items():
+        table.add_row(f"{name}", result.model, style="bold")
+        table.add_row(f"  ROUGE-L, mean over {len(result.tasks)} tasks", f"{result.rougeL:.2f}")
+        table.add_row(
+            f"  ROUGE-L, mean over {result.instances} instances", f"{result.rougeL_instances:.2f}"
+        )
+        table.add_row("  outputs cut by max_new_tokens", str(result.truncated))
+    if (c := outcome.comparison) is not None:
+        table.add_row("tasks improved", f"{c.improved} ({c.pct_improved:.1f}%)", style="green")
+        table.add_row("tasks tied", f"{c.ties} ({c.pct_ties:.1f}%)")
+        table.add_row("tasks worse", f"{c.worse} ({c.pct_worse:.1f}%)", style="red")
+        table.add_row(
+            "mean delta [95% CI]", f"{c.mean_delta:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}]"
+        )
+    table.add_row("report", str(outcome.out_dir / "report.md"))
+    table.add_row("MLflow run", outcome.run_id)
+    return table
+
+
+@app.command("promote")
+def promote(
+    version: Annotated[
+        str | None, typer.Option(help="version to promote (default: the challenger alias)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="promote even if the gate fails")] = False,
+    reason: Annotated[
+        str | None, typer.Option(help="why the gate is overridden (needed with --force)")
+    ] = None,
+    config: ConfigOption = "local-cpu",
+    overrides: SetOption = None,
+    workspace: WorkspaceOption = Path("workspace"),
+) -> None:
+    """Stage 6: move the champion alias to the challenger if it passes the gate.
+
+    The gate (stage6) compares the two versions' SuperNI evaluations task by task. Exits 1
+    when the gate fails; the decision and figures are recorded as version tags either way.
+    """
+    from refine_af import tracking
+    from refine_af.stages import register
+
+    run_config = _config(config, overrides)
+    client = tracking.connect(workspace)
+    result = register.promote(
+        client,
+        run_config.stage6.model_name,
+        version,
+        run_config.stage6,
+        run_config.stage5,
+        force=force,
+        reason=reason,
+    )
+    table = Table(title=f"stage 6 · promote · {result.model_name}")
+    table.add_column("")
+    table.add_column("value")
+    table.add_row("version", result.version, style="bold")
+    table.add_row("champion before", result.champion_before or "none")
+    style = "red" if result.rejected else "green"
+    table.add_row("decision", result.decision, style=f"bold {style}")
+    for line in result.reasons:
+        table.add_row("", line)
+    out.print(table)
+    if result.rejected:
+        err.print(
+            f"[bold red]gate failed:[/] version {result.version} stays challenger; "
+            f"champion is still version {result.champion_before}",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+
+
+models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(
+    config: ConfigOption = "local-cpu",
+    overrides: SetOption = None,
+    workspace: WorkspaceOption = Path("workspace"),
+) -> None:
+    """Registered versions of stage6.model_name with aliases and evaluation figures."""
+    from refine_af import tracking
+    from refine_af.stages import register
+
+    run_config = _config(config, overrides)
+    name = run_config.stage6.model_name
+    versions = register.list_versions(tracking.connect(workspace), name)
+    table = Table(title=f"registered model {name}")
+    for column in ("version", "aliases", "created (UTC)", "ROUGE-L", "tasks", "vs champion"):
+        table.add_column(column, justify="right" if column in {"ROUGE-L", "tasks"} else "left")
+    table.add_column("promotion")
+    table.add_column("evaluation run", no_wrap=True, min_width=32)
+    for v in versions:
+        tags = v.tags
+        rouge = tags.get(f"{register.EVAL}rougeL")
+        improved = tags.get(f"{register.PROMOTION}pct_tasks_improved")
+        table.add_row(
+            v.version,
+            ", ".join(v.aliases),
+            v.created.strftime("%Y-%m-%d %H:%M"),
+            f"{float(rouge):.2f}" if rouge else "-",
+            tags.get(f"{register.EVAL}tasks", "-"),
+            f"{float(improved):.1f}% improved" if improved else "-",
+            tags.get(f"{register.PROMOTION}decision", "-"),
+            tags.get(register.EVAL_RUN_TAG, "-"),
+        )
+    out.print(table)
+
+
 def main() -> None:
     """Entry point: map bad input to exit code 2 with a one-line message."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -170,3 +608,7 @@ def main() -> None:
     except (InputError, TrackingUnavailable) as error:
         err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +83,232 @@ class InstructionsSettings(Section):
         return self
 
 
+# Stage 2 scorer names: the reward model, UniEval's dialogue dimensions, and the same
+# questions (plus helpfulness, standing in for the reward model) asked of an LLM judge.
+UNIEVAL_DIMENSIONS = ("naturalness", "coherence", "understandability")
+JUDGE_DIMENSIONS = ("helpfulness", *UNIEVAL_DIMENSIONS)
+SCORER_NAMES = (
+    "reward_model",
+    *(f"unieval.{d}" for d in UNIEVAL_DIMENSIONS),
+    *(f"llm_judge.{d}" for d in JUDGE_DIMENSIONS),
+)
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class RewardModelSettings(Section):
+    """A sequence-classification reward model (the paper's family: OpenAssistant's)."""
+
+    model: str = "OpenAssistant/reward-model-deberta-v3-large-v2"
+    prompt_format: Literal["auto", "pair", "oasst"] = Field(
+        "auto",
+        description="pair: a (question, answer) sentence pair (DeBERTa RMs); oasst: "
+        "<|prompter|>q<|endoftext|><|assistant|>a<|endoftext|> (GPT-NeoX RMs); "
+        "auto: oasst for GPT-NeoX, else pair",
+    )
+    max_length: int = Field(512, ge=16, description="tokens; longer inputs are truncated")
+    batch_size: int = Field(8, ge=1)
+    dtype: Dtype = "float32"
+    device: Device = "auto"
+
+
+class UniEvalSettings(Section):
+    """UniEval's T5 boolean-QA evaluator for dialogue responses."""
+
+    model: str = "MingZhong/unieval-dialog"
+    max_length: int = Field(1024, ge=16)
+    batch_size: int = Field(8, ge=1)
+    dtype: Dtype = "float32"
+    device: Device = "auto"
+
+
+class JudgeSettings(Section):
+    """A causal instruct model asked UniEval's questions, scored by P(Yes) / (P(Yes) + P(No))."""
+
+    model: str = "smollm2-135m-instruct"
+    chat: bool = Field(True, description="ask in the model's chat template, if it has one")
+    batch_size: int = Field(8, ge=1)
+    dtype: Dtype = "float32"
+    device: Device = "auto"
+
+
+class ScorerSettings(Section):
+    """Where each scorer family's model comes from; only those the reward uses are loaded."""
+
+    reward_model: RewardModelSettings = RewardModelSettings()
+    unieval: UniEvalSettings = UniEvalSettings()
+    llm_judge: JudgeSettings = JudgeSettings()
+
+
+class RewardComponent(Section):
+    scorer: str
+    weight: float = Field(allow_inf_nan=False)
+
+
+class RewardSettings(Section):
+    """The composite reward r = Σ wᵢ·sᵢ + bias; unparseable or non-finite items get ``floor``."""
+
+    components: list[RewardComponent] = [
+        RewardComponent(scorer="reward_model", weight=1.0),
+        *(RewardComponent(scorer=f"unieval.{d}", weight=1.0) for d in UNIEVAL_DIMENSIONS),
+    ]
+    bias: float = Field(0.0, allow_inf_nan=False)
+    floor: float = Field(-1.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _known_distinct_components(self) -> RewardSettings:
+        if not self.components:
+            raise ValueError("components must name at least one scorer")
+        names = [c.scorer for c in self.components]
+        unknown = sorted(set(names) - set(SCORER_NAMES))
+        if unknown:
+            raise ValueError(
+                f"unknown scorer {', '.join(map(repr, unknown))}; known: {', '.join(SCORER_NAMES)}"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError("each scorer may appear only once in components")
+        if all(c.weight == 0 for c in self.components):
+            raise ValueError("at least one component needs a non-zero weight")
+        return self
+
+
+class LoraSettings(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class RlafSettings(Section):
+    """Stage 2, RL from automated feedback: LoRA policy, KL to the frozen base, trl trainer."""
+
+    trainer: Literal["grpo", "rloo"] = "grpo"
+    kl_coef: float = Field(0.05, ge=0.0, description="β in E[r] − β·KL(π‖π_ref)")
+    learning_rate: float = Field(1e-5, gt=0.0)
+    max_steps: int = Field(200, ge=1)
+    per_device_batch_size: int = Field(8, ge=1, description="completions per device per step")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_generations: int = Field(4, ge=2, description="completions per prompt (the group)")
+    max_completion_length: int = Field(256, ge=8)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_instructions: int | None = Field(None, ge=1, description="train on a seeded sample")
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON: a path or a bundled name")
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    lora: LoraSettings = LoraSettings()
+    scorers: ScorerSettings = ScorerSettings()
+    reward: RewardSettings = RewardSettings()
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> RlafSettings:
+        completions = self.per_device_batch_size * self.gradient_accumulation_steps
+        if completions % self.num_generations:
+            raise ValueError(
+                "per_device_batch_size × gradient_accumulation_steps "
+                f"({completions}) must be a multiple of num_generations ({self.num_generations})"
+            )
+        return self
+
+
+class InstancesSettings(Section):
+    """Stage 3, instance generation with the stage 2 policy (post-processing as Self-Instruct)."""
+
+    adapter: str | None = Field(
+        None, description="stage 2's LoRA adapter folder; None = the base model (the baseline)"
+    )
+    sources: list[Literal["seed", "machine"]] = Field(
+        ["machine"], min_length=1, description="which stage 1 instructions get instances"
+    )
+    samples_per_instruction: int = Field(
+        5, ge=1, description="completions sampled per instruction, one instance each"
+    )
+    max_per_instruction: int = Field(5, ge=1, description="cap on kept instances per task")
+    max_new_tokens: int = Field(256, ge=8)
+    min_reward: float | None = Field(
+        None, allow_inf_nan=False, description="drop examples whose composite reward is lower"
+    )
+
+
+class SftSettings(Section):
+    """Stage 4, supervised fine-tuning of a LoRA adapter on stage 3's examples (trl SFT)."""
+
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto", description="auto: the model's chat template if it has one, else Alpaca's"
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="share of instructions held out for the eval loss"
+    )
+    num_train_epochs: float = Field(3.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
+    learning_rate: float = Field(2e-4, gt=0.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    per_device_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    max_length: int = Field(1024, ge=16, description="tokens of prompt + completion")
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON: a path or a bundled name")
+    logging_steps: int = Field(10, ge=1)
+    register_model: bool = Field(
+        True, description="register the adapter as a new version of stage6.model_name"
+    )
+    lora: LoraSettings = LoraSettings()
+
+
+class EvaluationSettings(Section):
+    """Stage 5, zero-shot SuperNI evaluation (defaults: the official 119 tasks × 100)."""
+
+    data: str | None = Field(
+        None, description="SuperNI-format JSONL (.jsonl/.jsonl.gz); None = the bundled test set"
+    )
+    tasks: int | list[str] | None = Field(
+        None, description="a count (seeded sample), task names, or None for all"
+    )
+    per_task: int | None = Field(100, ge=1, description="first N instances of each task")
+    prompt_template: str = (
+        "Definition: {definition}\n\nNow complete the following example -\nInput: {input}\nOutput:"
+    )
+    chat: bool = Field(True, description="wrap the prompt in the model's chat template, if any")
+    max_new_tokens: int = Field(128, ge=1)
+    stop: list[str] = Field([], description="cut outputs here (for base models that run on)")
+    batch_size: int = Field(16, ge=1)
+    tie_tolerance: float = Field(0.0, ge=0.0, description="|delta| ≤ this many points is a tie")
+    bootstrap_samples: int = Field(10000, ge=100)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _template_and_tasks(self) -> EvaluationSettings:
+        parsed = string.Formatter().parse(self.prompt_template)
+        if {name for _, name, _, _ in parsed if name is not None} != {"definition", "input"}:
+            raise ValueError(
+                "prompt_template must use exactly the placeholders {definition} and {input}"
+            )
+        if isinstance(self.tasks, int) and self.tasks < 1:
+            raise ValueError("tasks must be at least 1")
+        if isinstance(self.tasks, list) and not self.tasks:
+            raise ValueError("tasks must name at least one task")
+        return self
+
+
+class RegistrySettings(Section):
+    """Stage 6, the MLflow model registry and the gate a challenger passes to become champion."""
+
+    model_name: str = Field("refine-af-model", min_length=1)
+    min_pct_tasks_improved: float = Field(
+        50.0, ge=0.0, le=100.0, description="% of SuperNI tasks better than the champion's"
+    )
+    max_mean_drop: float = Field(
+        0.0, ge=0.0, description="ROUGE-L points the mean may fall below the champion's"
+    )
+
+
 class RunConfig(Section):
     """The whole run: one section per concern, one per stage."""
 
@@ -89,6 +316,11 @@ class RunConfig(Section):
     model: ModelSettings = ModelSettings()
     generation: GenerationSettings = GenerationSettings()
     stage1: InstructionsSettings = InstructionsSettings()
+    stage2: RlafSettings = RlafSettings()
+    stage3: InstancesSettings = InstancesSettings()
+    stage4: SftSettings = SftSettings()
+    stage5: EvaluationSettings = EvaluationSettings()
+    stage6: RegistrySettings = RegistrySettings()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -109,9 +341,14 @@ def preset_names() -> list[str]:
 
 
 def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
-    """Read a preset by name or a YAML file by path; returns (mapping, where it came from)."""
+    """Read a preset by name, a YAML file by path, or YAML text (a pipeline parameter).
+
+    Returns the mapping and where it came from, for error messages.
+    """
     path = Path(source)
-    if path.suffix in {".yaml", ".yml"} or path.exists():
+    if "\n" in source:
+        text, origin = source, "inline config"
+    elif path.suffix in {".yaml", ".yml"} or path.exists():
         if not path.is_file():
             raise InputError(f"{source}: config file not found")
         text, origin = path.read_text(), str(path)

@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 import torch
 
 from refine_af import models
+from refine_af.config import RunConfig
 
 FinishReason = Literal["stop", "length"]
 
@@ -149,6 +150,17 @@ class TransformersBackend:
             for row, index in enumerate(batch):
                 results[index] = share[row]
         return results
+
+
+def backend_for(config: RunConfig) -> GenerationBackend:
+    """The backend a run configuration asks for, with its model loaded."""
+    return make_backend(
+        config.generation.backend,
+        config.model.base,
+        dtype=config.model.dtype,
+        device=config.model.device,
+        batch_size=config.generation.batch_size,
+    )
 
 
 def make_backend(

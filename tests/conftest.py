@@ -25,6 +25,11 @@ AWS_TEST_ENV = {
 }
 MLFLOW_START_TIMEOUT_S = 60
 
+# No test may reach a model hub: models are bundled or built by the fixtures. Set before
+# anything imports huggingface_hub, which reads the variable once, at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
 
 # --- S3 (moto's standalone server) -------------------------------------------------------
 
@@ -110,7 +115,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ]  # fmt: skip
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job workers
         )
     try:
         _wait_healthy(url, process, log)
@@ -122,15 +131,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 # --- models --------------------------------------------------------------------------------
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _offline_hub() -> Iterator[None]:
-    """No test may reach a model hub: models are bundled or built by the fixtures."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("TOKENIZERS_PARALLELISM", "false")
-        yield
 
 
 @pytest.fixture(scope="session")
@@ -167,3 +167,77 @@ def tiny_causal_lm_dir(bundled_model_dir: Path, tmp_path_factory: pytest.TempPat
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+# --- MLflow server whose artifact store is S3 (moto) ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mlflow_s3_server(
+    s3_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """A real ``mlflow server`` (sqlite backend) proxying artifacts to a bucket on moto.
+
+    Yields (server URL, bucket); the artifacts live under ``s3://bucket/mlartifacts``. The
+    server process gets the S3 endpoint and the dummy credentials, the clients need neither.
+    """
+    root = tmp_path_factory.mktemp("mlflow-s3-server")
+    bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = root / "server.log"
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", f"s3://{bucket}/mlartifacts",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        **AWS_TEST_ENV,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        # No GenAI job runner: its 7 consumer processes add seconds to start and stop.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+    try:
+        _wait_healthy(url, process, log)
+        yield url, bucket
+    finally:
+        _stop_group(process)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_adapter_dir(
+    tiny_causal_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A LoRA adapter of ``tiny_causal_lm_dir`` with random, non-zero A and B (it changes
+    the outputs, unlike a freshly initialised one), saved with peft like stage 4's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir)
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    target = tmp_path_factory.mktemp("tiny-lora")
+    get_peft_model(model, lora).save_pretrained(target)
+    return target
+
+
+# --- KFP local runner ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """KFP's local SubprocessRunner in this environment; components log to a local store."""
+    from kfp import local
+
+    monkeypatch.setenv("REFINE_AF_WORKSPACE", str(tmp_path / "workspace"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    return tmp_path / "kfp"

@@ -100,3 +100,10 @@ def test_config_show_prints_validated_yaml_and_hash():
     assert "num_instructions: 9" in result.stdout
     expected = load_config("local-cpu", ["stage1.num_instructions=9"]).config_hash()
     assert f"# config hash: {expected}" in result.stdout
+
+
+def test_yaml_text_is_a_config_source():
+    text = load_config("local-cpu", ["stage1.num_instructions=4"]).to_yaml()
+    assert load_config(text).stage1.num_instructions == 4
+    with pytest.raises(InputError, match=r"inline config: unknown config key stage1.nope"):
+        load_config("stage1:\n  nope: 1\n")

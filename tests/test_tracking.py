@@ -129,3 +129,19 @@ def test_unreachable_server_fails_fast_naming_the_uri(
         ):
             pytest.fail("the block must not run")
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.integration
+def test_a_run_injected_by_kfp_is_used(mlflow_server, tmp_path, monkeypatch):
+    """KFP's MLflow plugin creates the task's run and passes it as MLFLOW_RUN_ID."""
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    experiment_id = client.create_experiment(f"kfp-{tmp_path.name}")
+    injected = client.create_run(experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_RUN_ID", injected)
+    with tracking.stage_run("instructions", tmp_path, {"a": 1}) as run:
+        run.log_metrics({"accepted": 3})
+    assert run.run_id == injected
+    logged = client.get_run(injected)
+    assert logged.data.metrics["accepted"] == 3
+    assert logged.data.tags["refine_af.stage"] == "instructions"

@@ -1,4 +1,5 @@
-"""Data that ships with the package: the Self-Instruct seed tasks (Apache-2.0, see licenses/)."""
+"""Data that ships with the package: the Self-Instruct seed tasks and the SuperNI English test
+set (both Apache-2.0, see licenses/ and the README beside each file)."""
 
 from importlib import resources
 from pathlib import Path
@@ -11,3 +12,7 @@ def bundled(name: str) -> Path:
 
 def seed_tasks_path() -> Path:
     return bundled("seed_tasks.jsonl")
+
+
+def superni_test_path() -> Path:
+    return bundled("superni_test.jsonl.gz")

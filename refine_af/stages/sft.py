@@ -1,0 +1,437 @@
+"""Stage 4: supervised fine-tuning of a LoRA adapter on stage 3's examples (trl SFTTrainer).
+
+Each example becomes a prompt (the instruction, and its input when it has one) and a
+completion (the output); the loss covers the completion only. The prompt is wrapped in the
+model's chat template when it has one, as stage 5 asks its questions, or in Alpaca's
+template otherwise. Whole instructions are held out for the eval loss, so no task is both
+learnt and measured. The adapter is logged with ``mlflow.transformers`` (the adapter and a
+reference to its base model) and registered as a new version of ``stage6.model_name``,
+tagged with the config hash, the dataset's hash and the policy that wrote the data.
+
+Outputs (in ``out_dir``): ``adapter/`` (LoRA weights, tokenizer, README.md model card; its
+config names the base by its reference, so ``models.load_causal_lm(out_dir / "adapter")``
+loads base + adapter anywhere), ``sft_config.yaml``, ``metrics.jsonl``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from refine_af import models, records, storage, tracking
+from refine_af.config import RunConfig
+from refine_af.errors import InputError
+from refine_af.records import ExampleRecord
+from refine_af.stages.rlaf import StepCallback, deepspeed_config, forwarding_callback
+
+ADAPTER_DIR = "adapter"
+MODEL_ARTIFACT = "model"
+TAG = "refine_af."
+# what the logged model needs to load; pinned to the versions that trained it
+RUNTIME_PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors")
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+Template = Literal["chat", "alpaca"]
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_examples(path: str | Path) -> tuple[list[ExampleRecord], str]:
+    """Stage 3's examples and the policy (rl | base) that wrote them, all of one kind."""
+    examples = records.read_records(path, ExampleRecord)
+    if not examples:
+        raise InputError(f"{path}: no examples to fine-tune on (an empty dataset)")
+    kinds = sorted({e.policy for e in examples})
+    if len(kinds) > 1:
+        raise InputError(
+            f"{path}: examples of both policies ({', '.join(kinds)}); fine-tune on one "
+            "policy's data so the registered version says which it learnt from"
+        )
+    return examples, kinds[0]
+
+
+def split_by_instruction(
+    examples: Sequence[ExampleRecord], fraction: float, seed: int, origin: str
+) -> tuple[list[ExampleRecord], list[ExampleRecord]]:
+    """(train, eval): a seeded share of the instructions, with all their examples, held out."""
+    if fraction == 0:
+        return list(examples), []
+    ids = sorted({e.instruction_id for e in examples})
+    if len(ids) < 2:
+        raise InputError(
+            f"{origin}: examples of {len(ids)} instruction; holding out stage4.eval_fraction "
+            "needs at least 2 (or set stage4.eval_fraction=0)"
+        )
+    count = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+    held_out = set(random.Random(seed).sample(ids, count))
+    train = [e for e in examples if e.instruction_id not in held_out]
+    return train, [e for e in examples if e.instruction_id in held_out]
+
+
+def resolve_template(setting: str, tokenizer) -> Template:
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "chat" and not has_chat:
+        raise InputError(
+            "stage4.template=chat but the model has no chat template; use auto or alpaca"
+        )
+    if setting == "auto":
+        return "chat" if has_chat else "alpaca"
+    return setting  # type: ignore[return-value]
+
+
+def request(example: ExampleRecord) -> str:
+    """What the user asks: the instruction, then its input when there is one."""
+    return "\n\n".join(part for part in (example.instruction, example.input) if part)
+
+
+def to_row(example: ExampleRecord, template: Template) -> dict[str, Any]:
+    """A trl prompt-completion row (conversational for the chat template)."""
+    if template == "chat":
+        return {
+            "prompt": [{"role": "user", "content": request(example)}],
+            "completion": [{"role": "assistant", "content": example.output}],
+        }
+    alpaca = ALPACA_WITH_INPUT if example.input else ALPACA_NO_INPUT
+    prompt = alpaca.format(instruction=example.instruction, input=example.input)
+    return {"prompt": prompt, "completion": example.output}
+
+
+# ---------------------------------------------------------------- training
+
+
+def build_trainer(
+    config: RunConfig,
+    train: Sequence[dict[str, Any]],
+    evaluation: Sequence[dict[str, Any]],
+    work_dir: Path,
+    tokenizer,
+    callbacks: Sequence[Any] = (),
+):
+    """trl's SFTTrainer for a LoRA on ``model.base``, loss on the completion only."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    settings = config.stage4
+    model = models.load_causal_lm(config.model.base, dtype=config.model.dtype, device="cpu")
+    args = SFTConfig(
+        output_dir=str(work_dir),
+        num_train_epochs=settings.num_train_epochs,
+        max_steps=settings.max_steps or -1,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_ratio,  # below 1: a share of the training steps
+        weight_decay=settings.weight_decay,
+        per_device_train_batch_size=settings.per_device_batch_size,
+        per_device_eval_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        max_length=settings.max_length,
+        completion_only_loss=True,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=settings.bf16,
+        activation_checkpointing=settings.gradient_checkpointing,
+        deepspeed=deepspeed_config(settings.deepspeed, "stage4.deepspeed"),
+        use_cpu=config.model.device == "cpu",
+        eval_strategy="epoch" if evaluation else "no",
+        logging_steps=settings.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    lora = settings.lora
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(list(train)),
+        eval_dataset=Dataset.from_list(list(evaluation)) if evaluation else None,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)  # progress and metrics go through our callback
+    return trainer
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def model_card(summary: dict[str, Any], config: RunConfig) -> str:
+    """README.md of the adapter: what it was trained on, how, and how to load it."""
+    s, lora = config.stage4, config.stage4.lora
+    registered = summary.get("registered_version")
+    registry = (
+        f"- registry: `{summary['registered_model']}` version {registered}"
+        if registered
+        else "- registry: not registered"
+    )
+    eval_loss = summary["eval_loss"]
+    lines = [
+        "---",
+        f"base_model: {config.model.base}",
+        "library_name: peft",
+        "pipeline_tag: text-generation",
+        f"tags: [refine-af, lora, sft, trl, policy-{summary['policy']}]",
+        "---",
+        "",
+        f"# REFINE-AF instruction-tuned LoRA adapter ({summary['policy']} policy data)",
+        "",
+        f"A LoRA adapter for `{config.model.base}`, fine-tuned with trl's SFTTrainer on "
+        f"{summary['train_examples']} examples that the {summary['policy']} policy wrote in "
+        "stage 3 of REFINE-AF (Roy et al., 2025); the loss covers the output only.",
+        "",
+        "## Data",
+        "",
+        f"- examples: sha256 `{summary['dataset_sha256']}`",
+        f"- train: {summary['train_examples']} examples; held out: "
+        f"{summary['eval_examples']} examples of {summary['eval_instructions']} instructions",
+        f"- prompt template: {summary['template']}",
+        "",
+        "## Training",
+        "",
+        f"- LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, "
+        f"modules={lora.target_modules}",
+        f"- learning rate {s.learning_rate} ({s.lr_scheduler}, warmup {s.warmup_ratio}), "
+        f"batch {s.per_device_batch_size} × {s.gradient_accumulation_steps} accumulation per "
+        f"device, max length {s.max_length}, bf16 {s.bf16}",
+        f"- steps: {summary['steps']} ({summary['epochs']} epochs)",
+        f"- train loss: {summary['train_loss']}",
+        f"- eval loss: {summary['eval_loss_before']} before → {eval_loss} after",
+        "",
+        "## Provenance",
+        "",
+        f"- config hash: `{summary['config_hash']}`",
+        f"- MLflow run: `{summary['run_id']}`",
+        registry,
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from refine_af import models",
+        "tokenizer = models.load_tokenizer('adapter')",
+        "model = models.load_causal_lm('adapter')  # base + this adapter, merged",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _save_adapter(trainer, staging: Path, base_reference: str) -> None:
+    """Adapter + tokenizer in ``staging``, its config naming the base by its reference."""
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # every process: DeepSpeed gathers weights for it
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return
+    trainer.processing_class.save_pretrained(str(staging))
+    (staging / "training_args.bin").unlink(missing_ok=True)
+    adapter_config = staging / models.ADAPTER_CONFIG
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = base_reference  # not this machine's cache path
+    adapter_config.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _publish(staging: Path, target: Path) -> None:
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def _pip_requirements() -> list[str]:
+    pins = []
+    for package in RUNTIME_PACKAGES:
+        try:
+            pins.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def register(
+    config: RunConfig,
+    trainer,
+    card: str,
+    tags: dict[str, str],
+    workspace: Path,
+) -> str:
+    """Log the adapter with ``mlflow.transformers`` and register it; returns the version.
+
+    A local base (the bundled model, an s3 mirror) is referenced by its path, a hub base by
+    its repository and revision: either way only the adapter is stored.
+    """
+    import mlflow
+    from huggingface_hub import ModelCard
+
+    base_location = models.resolve(config.model.base)
+    name = config.stage6.model_name
+    info = mlflow.transformers.log_model(
+        transformers_model={
+            "model": trainer.accelerator.unwrap_model(trainer.model),
+            "tokenizer": trainer.processing_class,
+        },
+        name=MODEL_ARTIFACT,
+        task="text-generation",
+        registered_model_name=name,
+        base_model_path=base_location if Path(base_location).is_dir() else None,
+        model_card=ModelCard(card),
+        pip_requirements=_pip_requirements(),
+    )
+    version = str(info.registered_model_version)
+    client = tracking.connect(workspace)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return version
+
+
+# ---------------------------------------------------------------- running the stage
+
+
+@dataclass(frozen=True)
+class SftResult:
+    out_dir: Path
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Validated inputs: checked before any model loads or any output is written."""
+
+    train: list[ExampleRecord]
+    evaluation: list[ExampleRecord]
+    policy: str
+    dataset_sha256: str
+
+
+def prepare(config: RunConfig, examples_path: str | Path) -> Prepared:
+    examples, kind = load_examples(examples_path)
+    settings = config.stage4
+    train, evaluation = split_by_instruction(
+        examples, settings.eval_fraction, settings.seed, str(examples_path)
+    )
+    deepspeed_config(settings.deepspeed, "stage4.deepspeed")
+    digest = hashlib.sha256(storage.read_bytes(str(examples_path))).hexdigest()
+    return Prepared(train, evaluation, kind, digest)
+
+
+def final_eval_loss(trainer) -> float:
+    """The eval loss after training; the trainer's own end-of-epoch eval when it is the last."""
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if evaluations and evaluations[-1]["step"] == trainer.state.global_step:
+        return evaluations[-1]["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
+def _round(value: Any) -> float | None:
+    return None if value is None else round(float(value), 6)
+
+
+def run(
+    config: RunConfig,
+    examples_path: str | Path,
+    out_dir: Path,
+    *,
+    workspace: Path,
+    on_step: StepCallback | None = None,
+) -> SftResult:
+    """Fine-tune, save the adapter with its card, log and register it.
+
+    Bad input (a missing or malformed examples file, an empty dataset, mixed policies, too
+    few instructions to hold out, a missing DeepSpeed) raises InputError before any model
+    loads and before anything is written.
+    """
+    from accelerate import PartialState
+
+    main = PartialState().is_main_process
+    settings = config.stage4
+    data = prepare(config, examples_path)
+    tokenizer = models.load_tokenizer(config.model.base)
+    template = resolve_template(settings.template, tokenizer)
+    started = time.monotonic()
+    tags = {
+        f"{TAG}config_hash": config.config_hash(),
+        f"{TAG}dataset_sha256": data.dataset_sha256,
+        f"{TAG}policy": data.policy,
+        f"{TAG}base_model": config.model.base,
+    }
+    tracked = (
+        tracking.stage_run("sft", workspace, config.to_dict(), tags=tags) if main else nullcontext()
+    )
+    with tracked as stage_run, tempfile.TemporaryDirectory(prefix="refine-af-sft-") as work:
+        trainer = build_trainer(
+            config,
+            [to_row(e, template) for e in data.train],
+            [to_row(e, template) for e in data.evaluation],
+            Path(work),
+            tokenizer,
+            [forwarding_callback(stage_run, on_step)],
+        )
+        before = trainer.evaluate()["eval_loss"] if data.evaluation else None
+        result = trainer.train()
+        after = final_eval_loss(trainer) if data.evaluation else None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = out_dir / f".{ADAPTER_DIR}-staging"
+        _save_adapter(trainer, staging, config.model.base)
+        if not main:
+            return SftResult(out_dir, {})
+        summary: dict[str, Any] = {
+            "stage": "sft",
+            "config_hash": config.config_hash(),
+            "policy": data.policy,
+            "dataset_sha256": data.dataset_sha256,
+            "template": template,
+            "train_examples": len(data.train),
+            "eval_examples": len(data.evaluation),
+            "eval_instructions": len({e.instruction_id for e in data.evaluation}),
+            "steps": trainer.state.global_step,
+            "epochs": _round(trainer.state.epoch),
+            "train_loss": _round(result.training_loss),
+            "eval_loss_before": _round(before),
+            "eval_loss": _round(after),
+            "run_id": stage_run.run_id,
+            "registered_model": config.stage6.model_name if settings.register_model else None,
+            "registered_version": None,
+            "adapter": ADAPTER_DIR,
+        }
+        storage.write_text(staging / "README.md", model_card(summary, config))
+        _publish(staging, out_dir / ADAPTER_DIR)
+        if settings.register_model:
+            version_tags = {**tags, f"{TAG}sft_run_id": stage_run.run_id}
+            card = model_card(summary, config)
+            summary["registered_version"] = register(config, trainer, card, version_tags, workspace)
+            storage.write_text(out_dir / ADAPTER_DIR / "README.md", model_card(summary, config))
+        summary["seconds"] = round(time.monotonic() - started, 1)
+        history = [entry for entry in trainer.state.log_history if "step" in entry]
+        storage.write_text(out_dir / "sft_config.yaml", config.to_yaml())
+        records.write_jsonl(out_dir / "metrics.jsonl", history)
+        storage.write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        stage_run.log_artifact(out_dir / "summary.json")
+        stage_run.log_artifact(out_dir / ADAPTER_DIR / "README.md")
+    return SftResult(out_dir, summary)
