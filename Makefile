@@ -10,7 +10,7 @@ WORKSPACE ?= workspace
 export REFINE_AF_CACHE ?= $(CURDIR)/.cache/refine-af
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup tools run test test-fast lint format bench images kind-load kind-up kind-e2e kind-down clean
+.PHONY: setup tools run compile test test-fast lint format bench images kind-load kind-up kind-e2e kind-down clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,7 +27,7 @@ tools:
 	@command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null; }
 
 run: setup
-	$(VENV)/bin/refine-af stage instructions --config local-cpu --out $(WORKSPACE)/instructions --workspace $(WORKSPACE)
+	$(PY) -m pipelines.run_local --config local-cpu --workspace $(WORKSPACE)
 
 test: setup
 	$(PY) -m pytest
@@ -45,6 +45,11 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/rouge_filter.py
+	$(PY) benchmarks/generation.py
+	$(PY) benchmarks/rlaf_cpu.py
+
+compile: setup
+	$(PY) -m pipelines.compile
 
 images:
 	scripts/build-images.sh

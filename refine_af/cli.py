@@ -246,29 +246,13 @@ def stage_instances(
     quarantine.jsonl (with reasons), alpaca.json, dataset/ (parquet + dataset card) and
     summary.json. With --shard, writes that shard's records and shard.json instead.
     """
-    from refine_af.feedback import CompositeReward, build_scorers
-    from refine_af.generation import make_backend
     from refine_af.stages import instances
 
     extra = [f"stage3.adapter={adapter}"] if adapter else []
     run_config = _config(config, [*(overrides or []), *extra])
     part = instances.Shard.parse(shard) if shard else None
-    # bad input stops before the models load
     blocks = instances.assigned_blocks(
         instances.load_instructions(instructions, run_config), run_config, part
-    )
-    instances.check_adapter(run_config)
-    names = [c.scorer for c in run_config.stage2.reward.components]
-    err.print(f"loading scorers and policy [bold]{instances.policy_reference(run_config)}[/] …")
-    reward = CompositeReward.from_settings(
-        run_config.stage2.reward, build_scorers(run_config.stage2.scorers, names)
-    )
-    backend = make_backend(
-        run_config.generation.backend,
-        instances.policy_reference(run_config),
-        dtype=run_config.model.dtype,
-        device=run_config.model.device,
-        batch_size=run_config.generation.batch_size,
     )
     with Progress(
         TextColumn("[bold]instances"),
@@ -283,12 +267,10 @@ def stage_instances(
         def show(done: int, total: int, so_far: instances.Part) -> None:
             progress.update(task, completed=done, kept=len(so_far.examples))
 
-        result = instances.run(
+        result = instances.execute(
             run_config,
             instructions,
             out_dir,
-            backend,
-            reward,
             workspace=workspace,
             shard=part,
             on_block=show,
@@ -598,6 +580,55 @@ def models_list(
             tags.get(register.EVAL_RUN_TAG, "-"),
         )
     out.print(table)
+
+
+@app.command("submit")
+def submit(
+    host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. http://localhost:30880")],
+    experiment: Annotated[str, typer.Option(help="KFP experiment")] = "refine-af",
+    config: ConfigOption = "local-cpu",
+    overrides: SetOption = None,
+    shards: Annotated[int, typer.Option(help="instance-generation shards")] = 2,
+    baseline: Annotated[bool, typer.Option(help="also build the no-RL baseline")] = True,
+    package: Annotated[
+        Path, typer.Option(help="compiled pipeline (python -m pipelines.compile)")
+    ] = Path("pipelines/refine_af.yaml"),
+    service_account: Annotated[str | None, typer.Option(help="pods' ServiceAccount")] = None,
+    wait: Annotated[bool, typer.Option(help="wait for the run to finish")] = False,
+    timeout: Annotated[int, typer.Option(help="seconds to wait with --wait")] = 7200,
+) -> None:
+    """Submit the compiled pipeline to a Kubeflow Pipelines cluster.
+
+    The configuration is checked here and sent as YAML text (the `config` parameter), so a
+    bad preset or override stops before anything reaches the cluster. Only the KFP client
+    is used; the pipeline itself was compiled by `python -m pipelines.compile`.
+    """
+    if shards < 1:
+        raise InputError(f"--shards must be at least 1, got {shards}")
+    if not package.is_file():
+        raise InputError(f"{package}: compiled pipeline not found (python -m pipelines.compile)")
+    run_config = _config(config, overrides)
+    import kfp
+
+    client = kfp.Client(host=host)
+    result = client.create_run_from_pipeline_package(
+        str(package),
+        arguments={
+            "config": run_config.to_yaml(),
+            "overrides": [],
+            "shards": shards,
+            "run_baseline": baseline,
+        },
+        experiment_name=experiment,
+        run_name=f"{run_config.name}-{run_config.config_hash()}",
+        service_account=service_account,
+    )
+    out.print(f"run {result.run_id} submitted to {host} (experiment {experiment})")
+    if wait:
+        finished = client.wait_for_run_completion(result.run_id, timeout=timeout)
+        out.print(f"run {result.run_id}: {finished.state}")
+        if finished.state != "SUCCEEDED":
+            raise typer.Exit(1)
 
 
 def main() -> None:

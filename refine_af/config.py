@@ -404,10 +404,16 @@ def _validation_message(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(source: str = "local-cpu", overrides: list[str] | None = None) -> RunConfig:
-    """Validated config from a preset name or YAML path plus ``section.key=value`` overrides."""
+def load_config(
+    source: str = "local-cpu", overrides: list[str] | None = None, *, base_model: str = ""
+) -> RunConfig:
+    """Validated config from a preset name or YAML path plus ``section.key=value`` overrides.
+
+    ``base_model``, when given, replaces ``model.base`` (a pipeline parameter of its own).
+    """
     data, origin = _read_yaml(source)
-    data = apply_overrides(data, overrides or [])
+    extra = [f"model.base={base_model}"] if base_model else []
+    data = apply_overrides(data, [*(overrides or []), *extra])
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:

@@ -17,6 +17,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from refine_af.errors import TrackingUnavailable
 
+PARENT_RUN_ENV = "REFINE_AF_PARENT_RUN_ID"
 DEFAULT_EXPERIMENT = "refine-af"
 # Probe with no retries and a short timeout: mlflow's defaults (7 retries with backoff,
 # 120 s timeout) would make a wrong URI look like a hung stage for minutes.
@@ -124,6 +125,19 @@ def _require_reachable(client: mlflow.MlflowClient, uri: str) -> None:
             ) from error
 
 
+def connect(workspace: Path) -> mlflow.MlflowClient:
+    """A client of the tracking store and model registry, checked to be reachable first.
+
+    The registry is the tracking store unless ``MLFLOW_REGISTRY_URI`` says otherwise.
+    """
+    uri = tracking_uri(workspace)
+    if uri.startswith("sqlite:"):
+        Path(workspace).mkdir(parents=True, exist_ok=True)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    _require_reachable(client, uri)
+    return client
+
+
 def _experiment_id(client: mlflow.MlflowClient, name: str, artifact_root: str | None) -> str:
     """Get or create the experiment without making it mlflow's global active experiment."""
     experiment = client.get_experiment_by_name(name)
@@ -162,14 +176,18 @@ def stage_run(
     ``MLFLOW_EXPERIMENT_NAME`` or ``experiment``. With ``parent_run_id`` (e.g. the
     pipeline's run, started in another process) the run is nested under it; inside an
     active run it nests under that one. ``params`` are logged flattened. The run ends
-    FINISHED, or FAILED if the block raises. Raises ``TrackingUnavailable`` before
-    starting if the store cannot be reached.
+    FINISHED, or FAILED if the block raises. Without ``parent_run_id``, the pipeline's run
+    in ``REFINE_AF_PARENT_RUN_ID`` (set by the components) is the parent. Raises
+    ``TrackingUnavailable`` before starting if the store cannot be reached. Under KFP's
+    MLflow plugin, which creates a nested run per task and injects ``MLFLOW_RUN_ID``, the
+    stage logs into that run.
     """
     uri = tracking_uri(workspace)
     if uri.startswith("sqlite:"):
         Path(workspace).mkdir(parents=True, exist_ok=True)
     client = mlflow.MlflowClient(tracking_uri=uri)
     _require_reachable(client, uri)
+    parent_run_id = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
     experiment_id = _experiment_id(client, name, _artifact_root(uri, workspace, name))
     with (
@@ -179,9 +197,31 @@ def stage_run(
             run_name=stage_name,
             nested=mlflow.active_run() is not None,
             parent_run_id=parent_run_id,
-            tags={"refine_af.stage": stage_name, **(tags or {})},
         ) as run,
     ):
+        # Set after the start: a run KFP's MLflow plugin created (MLFLOW_RUN_ID) is resumed
+        # as it is, and start_run ignores tags for a resumed run.
+        mlflow.set_tags({"refine_af.stage": stage_name, **(tags or {})})
         if params:
             mlflow.log_params(flatten(params), run_id=run.info.run_id)
         yield StageRun(run.info.run_id)
+
+
+def open_pipeline_run(workspace: Path, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    """Create the parent run of one pipeline run; returns its id ("" under KFP's plugin).
+
+    Stages nest under it by tag, so it is closed at once: a pipeline that stops half-way
+    leaves no run stuck RUNNING. KFP's MLflow plugin makes its own parent run and injects
+    ``MLFLOW_RUN_ID`` into every task; then the hierarchy is the plugin's.
+    """
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return ""
+    with stage_run("pipeline", workspace, params, tags=tags) as run:
+        return run.run_id
+
+
+def log_to_run(workspace: Path, run_id: str, metrics: Mapping[str, float]) -> None:
+    """Add final figures to an earlier run (the pipeline's parent run)."""
+    client = connect(workspace)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))

@@ -9,6 +9,7 @@ from components.images import RUNTIME_CPU
 def instructions(
     config: str,
     overrides: list,
+    base_model: str,
     parent_run_id: str,
     pool: dsl.Output[dsl.Dataset],
     metrics: dsl.Output[dsl.Metrics],
@@ -26,15 +27,21 @@ def instructions(
     from refine_af.config import load_config
     from refine_af.stages import instructions as stage
 
-    run_config = load_config(config, list(overrides))
+    os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
+    run_config = load_config(config, list(overrides), base_model=base_model)
     result = stage.execute(
         run_config,
         Path(pool.path),
         workspace=Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
-        parent_run_id=parent_run_id or None,
     )
     summary = result.summary
     for name in ("candidates", "accepted", "rounds", "classification"):
         metrics.log_metric(name, summary[name])
-    pool.metadata.update({"config_hash": summary["config_hash"], "accepted": summary["accepted"]})
+    pool.metadata.update(
+        {
+            "config_hash": summary["config_hash"],
+            "accepted": summary["accepted"],
+            "mlflow_parent_run_id": parent_run_id,  # for the tasks of the shard loop
+        }
+    )
     return summary["accepted"]

@@ -29,8 +29,8 @@ from pydantic import ValidationError
 from refine_af import exports, models, postprocess, records, storage, tracking
 from refine_af.config import RunConfig
 from refine_af.errors import InputError
-from refine_af.feedback import NONFINITE, CompositeReward, RewardBatch
-from refine_af.generation import GenerationBackend, SamplingParams
+from refine_af.feedback import NONFINITE, CompositeReward, RewardBatch, build_scorers
+from refine_af.generation import GenerationBackend, SamplingParams, make_backend
 from refine_af.instances_format import STOP, Parsed, build_prompt
 from refine_af.records import ExampleRecord, InstructionRecord
 
@@ -377,6 +377,41 @@ def run(
             storage.write_text(out_dir / SHARD_INFO, json.dumps(info, indent=2) + "\n")
         _log(stage_run, out_dir, summary)
     return InstancesResult(out_dir, summary)
+
+
+def execute(
+    config: RunConfig,
+    instructions_path: str | Path,
+    out_dir: Path,
+    *,
+    workspace: Path,
+    shard: Shard | None = None,
+    on_block: Callable[[int, int, Part], None] | None = None,
+) -> InstancesResult:
+    """Check the inputs, then load the scorers and the policy and run the stage."""
+    load_instructions(instructions_path, config)
+    check_adapter(config)
+    names = [c.scorer for c in config.stage2.reward.components]
+    reward = CompositeReward.from_settings(
+        config.stage2.reward, build_scorers(config.stage2.scorers, names)
+    )
+    backend = make_backend(
+        config.generation.backend,
+        policy_reference(config),
+        dtype=config.model.dtype,
+        device=config.model.device,
+        batch_size=config.generation.batch_size,
+    )
+    return run(
+        config,
+        instructions_path,
+        out_dir,
+        backend,
+        reward,
+        workspace=workspace,
+        shard=shard,
+        on_block=on_block,
+    )
 
 
 def _read_shard(shard_dir: Path) -> tuple[dict[str, Any], Part]:

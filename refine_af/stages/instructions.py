@@ -24,7 +24,7 @@ from refine_af import records, storage, tracking
 from refine_af.config import InstructionsSettings, RunConfig
 from refine_af.data import seed_tasks_path
 from refine_af.errors import InputError
-from refine_af.generation import Completion, GenerationBackend, SamplingParams
+from refine_af.generation import Completion, GenerationBackend, SamplingParams, backend_for
 from refine_af.records import InstructionRecord, SeedTask
 from refine_af.textsim import RougeLIndex
 
@@ -387,3 +387,22 @@ def run(
         sample = "\n".join(r.instruction for r in state.accepted[:50])
         stage_run.log_text(sample, "sample_instructions.txt")
     return InstructionsResult(out_dir, summary)
+
+
+def execute(
+    config: RunConfig,
+    out_dir: Path,
+    *,
+    workspace: Path,
+    on_round: Callable[[Bootstrap], None] | None = None,
+) -> InstructionsResult:
+    """Check the seed input, then load the configured model and run the stage."""
+    load_seeds(config.stage1)
+    backend = backend_for(config)
+    return run(
+        config,
+        out_dir,
+        backend,
+        workspace=workspace,
+        on_round=on_round,
+    )

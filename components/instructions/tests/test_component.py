@@ -8,14 +8,18 @@ from components.instructions.component import instructions
 
 def test_writes_the_stage_folder_and_metrics(local_runner, tiny_causal_lm_dir):
     overrides = [
-        f"model.base={tiny_causal_lm_dir}",
         "stage1.num_instructions=2",
         "stage1.max_rounds=2",
         "stage1.prompts_per_round=2",
         "stage1.max_new_tokens=12",
         "stage1.detect_classification=false",
     ]
-    task = instructions(config="local-cpu", overrides=overrides, parent_run_id="")
+    task = instructions(
+        config="local-cpu",
+        overrides=overrides,
+        base_model=str(tiny_causal_lm_dir),
+        parent_run_id="",
+    )
     folder = Path(task.outputs["pool"].path)
     summary = json.loads((folder / "summary.json").read_text())
     assert task.outputs["Output"] == summary["accepted"]
@@ -27,3 +31,4 @@ def test_writes_the_stage_folder_and_metrics(local_runner, tiny_causal_lm_dir):
         "summary.json",
     }
     assert task.outputs["pool"].metadata["config_hash"] == summary["config_hash"]
+    assert task.outputs["pool"].metadata["mlflow_parent_run_id"] == ""

@@ -1,0 +1,60 @@
+"""Stage 5 as a KFP component: SuperNI ROUGE-L of the candidate, compared with the baseline."""
+
+from kfp import dsl
+
+from components.images import RUNTIME_GPU
+
+
+@dsl.component(base_image=RUNTIME_GPU, install_kfp_package=False)
+def evaluate(
+    config: str,
+    overrides: list,
+    base_model: str,
+    parent_run_id: str,
+    candidate: dsl.Input[dsl.Model],
+    version: str,
+    results: dsl.Output[dsl.Dataset],
+    report: dsl.Output[dsl.Markdown],
+    metrics: dsl.Output[dsl.Metrics],
+    baseline: dsl.Input[dsl.Model] = None,
+) -> float:
+    """Evaluates the fine-tuned adapters; tags ``version`` and makes it the challenger.
+
+    Returns the % of tasks improved over the baseline (-1 without a baseline).
+    """
+    import os
+    import shutil
+    from pathlib import Path
+
+    from refine_af import tracking
+    from refine_af.config import load_config
+    from refine_af.stages import evaluate as stage
+    from refine_af.stages import register
+
+    os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
+    workspace = Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af"))
+    run_config = load_config(config, list(overrides), base_model=base_model)
+    outcome = stage.run(
+        run_config,
+        Path(results.path),
+        candidate=str(Path(candidate.path) / "adapter"),
+        baseline=str(Path(baseline.path) / "adapter") if baseline is not None else None,
+        workspace=workspace,
+    )
+    shutil.copyfile(Path(results.path) / "report.md", report.path)
+    figures = {f"{name}_rougeL": result.rougeL for name, result in outcome.results.items()}
+    for name, value in figures.items():
+        metrics.log_metric(name, value)
+    if parent_run_id:
+        tracking.log_to_run(workspace, parent_run_id, figures)
+    if version:
+        client = tracking.connect(workspace)
+        evaluation = outcome.results[stage.CANDIDATE]
+        register.mark_challenger(client, run_config.stage6.model_name, version, evaluation)
+    if outcome.comparison is None:
+        return -1.0
+    metrics.log_metric("pct_tasks_improved", outcome.comparison.pct_improved)
+    metrics.log_metric("mean_delta", outcome.comparison.mean_delta)
+    figures = ("pct_improved", "ties", "candidate_rougeL", "baseline_rougeL", "mean_delta")
+    results.metadata.update({k: getattr(outcome.comparison, k) for k in figures})
+    return outcome.comparison.pct_improved

@@ -1,0 +1,33 @@
+"""Stage 3's join: the shards of one instance run become the dataset."""
+
+from kfp import dsl
+
+from components.images import RUNTIME_CPU
+
+
+@dsl.component(base_image=RUNTIME_CPU, install_kfp_package=False)
+def merge(
+    parent_run_id: str,
+    shards: dsl.Input[list[dsl.Dataset]],
+    dataset: dsl.Output[dsl.Dataset],
+    metrics: dsl.Output[dsl.Metrics],
+) -> float:
+    """Writes the dataset (records, parquet, Alpaca JSON, card); returns the mean reward."""
+    import os
+    from pathlib import Path
+
+    from refine_af.stages import instances as stage
+
+    os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
+    result = stage.merge(
+        [Path(shard.path) for shard in shards],
+        Path(dataset.path),
+        workspace=Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
+    )
+    summary = result.summary
+    for name in ("instructions", "generations", "kept"):
+        metrics.log_metric(name, summary[name])
+    mean_reward = summary["mean_reward"] if summary["mean_reward"] is not None else float("nan")
+    metrics.log_metric("mean_reward", mean_reward)
+    dataset.metadata.update({"policy": summary["policy"], "kept": summary["kept"]})
+    return mean_reward

@@ -1,0 +1,34 @@
+"""First task of the pipeline: check the run configuration and open the MLflow parent run."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from components.images import RUNTIME_CPU
+
+
+@dsl.component(base_image=RUNTIME_CPU, install_kfp_package=False)
+def plan(config: str, overrides: list, base_model: str, shards: int) -> NamedTuple(
+    "Plan",
+    [("parent_run_id", str), ("config_hash", str)],
+):
+    """Fails the run before any stage when the config, an override or ``shards`` is bad.
+
+    Returns the MLflow parent run id ("" under KFP's MLflow plugin) and the config hash.
+    """
+    import os
+    from pathlib import Path
+
+    from refine_af import tracking
+    from refine_af.config import load_config
+
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
+    run_config = load_config(config, list(overrides), base_model=base_model)
+    config_hash = run_config.config_hash()
+    parent = tracking.open_pipeline_run(
+        Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
+        {**run_config.to_dict(), "pipeline.shards": shards},
+        {"refine_af.config_hash": config_hash},
+    )
+    return (parent, config_hash)

@@ -1,0 +1,60 @@
+"""Stage 6 as a KFP component: move ``champion`` to the challenger when the gate passes."""
+
+from kfp import dsl
+
+from components.images import RUNTIME_CPU
+
+
+@dsl.component(base_image=RUNTIME_CPU, install_kfp_package=False)
+def promote(
+    config: str,
+    overrides: list,
+    base_model: str,
+    parent_run_id: str,
+    version: str,
+    instructions_kept: int,
+    rl_mean_reward: float,
+    pct_tasks_improved: float,
+    summary: dsl.Output[dsl.Markdown],
+    base_mean_reward: float = None,  # noqa: RUF013 - KFP reads the plain type
+) -> str:
+    """Applies the stage6 gate to ``version``; a failed gate is a decision, not a failure.
+
+    Returns the decision and records the run's headline figures on the parent MLflow run;
+    ``pct_tasks_improved`` is -1 and ``base_mean_reward`` absent without a baseline.
+    """
+    import math
+    import os
+    from pathlib import Path
+
+    from refine_af import tracking
+    from refine_af.config import load_config
+    from refine_af.stages import register
+
+    os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
+    workspace = Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af"))
+    run_config = load_config(config, list(overrides), base_model=base_model)
+    client = tracking.connect(workspace)
+    name = run_config.stage6.model_name
+    result = register.promote(client, name, version, run_config.stage6, run_config.stage5)
+    aliases = sorted(
+        alias for alias, v in client.get_registered_model(name).aliases.items() if v == version
+    )
+    figures = {
+        "instructions_kept": instructions_kept,
+        "mean_reward_base_policy": base_mean_reward,
+        "mean_reward_rl_policy": rl_mean_reward,
+        "pct_tasks_improved": pct_tasks_improved,
+    }
+    figures = {k: v for k, v in figures.items() if v is not None and not math.isnan(v)}
+    if parent_run_id:
+        tracking.log_to_run(workspace, parent_run_id, figures)
+    lines = [
+        "# refine-af run",
+        "",
+        *(f"- {key.replace('_', ' ')}: {value:g}" for key, value in figures.items()),
+        f"- registered: `{name}` version {version}, aliases: {', '.join(aliases) or 'none'}",
+        f"- promotion: {result.decision} ({'; '.join(result.reasons)})",
+    ]
+    Path(summary.path).write_text("\n".join(lines) + "\n")
+    return result.decision

@@ -1,0 +1,37 @@
+"""Stage 2 as a KFP component: train the instance-writing policy with RL from feedback."""
+
+from kfp import dsl
+
+from components.images import RUNTIME_GPU
+
+
+@dsl.component(base_image=RUNTIME_GPU, install_kfp_package=False)
+def rlaf(
+    config: str,
+    overrides: list,
+    base_model: str,
+    parent_run_id: str,
+    pool: dsl.Input[dsl.Dataset],
+    policy: dsl.Output[dsl.Model],
+    metrics: dsl.Output[dsl.Metrics],
+):
+    """Writes stage 2's folder (LoRA ``adapter/``, reward curves, summary) to ``policy``."""
+    import os
+    from pathlib import Path
+
+    from refine_af.config import load_config
+    from refine_af.stages import rlaf as stage
+
+    os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
+    run_config = load_config(config, list(overrides), base_model=base_model)
+    result = stage.run(
+        run_config,
+        Path(pool.path) / "instructions.jsonl",
+        Path(policy.path),
+        workspace=Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
+    )
+    summary = result.summary
+    for name in ("steps", "reward_first5", "reward_last5"):
+        if summary.get(name) is not None:
+            metrics.log_metric(name, summary[name])
+    policy.metadata.update({"base_model": run_config.model.base, "adapter": "adapter"})

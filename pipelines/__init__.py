@@ -1,0 +1,1 @@
+"""The pipeline DAG, its compiler entry point and the local runner."""

@@ -1,0 +1,91 @@
+"""Run the pipeline on this machine with KFP's local runner (``make run``).
+
+The same DAG as on the cluster, executed by ``kfp.local``'s SubprocessRunner in this
+Python environment: artifacts in ``<workspace>/kfp``, MLflow in ``<workspace>/mlflow.db``
+unless ``MLFLOW_TRACKING_URI`` is set. Ends with a summary of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from refine_af import tracking
+from refine_af.config import load_config
+from refine_af.errors import InputError
+
+
+def check_inputs(config: str, overrides: list[str], shards: int) -> None:
+    """Bad input stops here, before any component runs."""
+    if shards < 1:
+        raise InputError(f"--shards must be at least 1, got {shards}")
+    load_config(config, overrides)
+
+
+def run(config: str, overrides: list[str], shards: int, run_baseline: bool, workspace: Path):
+    from kfp import local
+
+    from pipelines.refine_af_pipeline import refine_af_pipeline
+
+    workspace = workspace.resolve()
+    os.environ["REFINE_AF_WORKSPACE"] = str(workspace)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workspace / "kfp"))
+    refine_af_pipeline(config=config, overrides=overrides, shards=shards, run_baseline=run_baseline)
+
+
+def summary(workspace: Path, model_name: str) -> str:
+    """The run's headline figures from MLflow: the last pipeline run and the registry."""
+    client = tracking.connect(workspace)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`refine_af.stage` = 'pipeline'",
+        order_by=["start_time DESC"],
+        max_results=1,
+    )
+    metrics = runs[0].data.metrics if runs else {}
+    model = client.get_registered_model(model_name)
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    latest = max(versions, key=lambda v: int(v.version))
+    aliases = sorted(a for a, v in model.aliases.items() if v == latest.version)
+    rows = [
+        ("instructions kept", metrics.get("instructions_kept")),
+        ("mean reward, base policy", metrics.get("mean_reward_base_policy")),
+        ("mean reward, RL policy", metrics.get("mean_reward_rl_policy")),
+        ("SuperNI ROUGE-L, candidate", metrics.get("candidate_rougeL")),
+        ("SuperNI ROUGE-L, baseline", metrics.get("baseline_rougeL")),
+        ("% tasks improved over baseline", metrics.get("pct_tasks_improved")),
+        ("registered model", f"{model_name} v{latest.version} ({', '.join(aliases) or '-'})"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {'-' if value is None else value}" for name, value in rows]
+    uri = tracking.tracking_uri(workspace)
+    lines.append(f"\nopen the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="local-cpu", help="preset name or YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="section.key=value override (repeatable)")  # fmt: skip
+    parser.add_argument("--shards", type=int, default=2, help="instance-generation shards")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the no-RL baseline")
+    parser.add_argument("--workspace", type=Path, default=Path("workspace"))
+    args = parser.parse_args()
+    config = args.config
+    if Path(config).is_file():
+        config = Path(config).read_text()  # the pipeline parameter carries YAML text
+    try:
+        check_inputs(config, args.overrides, args.shards)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    run(config, args.overrides, args.shards, not args.no_baseline, args.workspace)
+    model_name = load_config(config, args.overrides).stage6.model_name
+    print(summary(args.workspace, model_name))
+
+
+if __name__ == "__main__":
+    main()
