@@ -48,7 +48,7 @@ def summary(workspace: Path, model_name: str) -> str:
     model = client.get_registered_model(model_name)
     versions = client.search_model_versions(f"name = '{model_name}'")
     latest = max(versions, key=lambda v: int(v.version))
-    aliases = sorted(a for a, v in model.aliases.items() if v == latest.version)
+    aliases = sorted(a for a, v in model.aliases.items() if str(v) == str(latest.version))
     rows = [
         ("instructions kept", metrics.get("instructions_kept")),
         ("mean reward, base policy", metrics.get("mean_reward_base_policy")),

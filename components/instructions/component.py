@@ -2,10 +2,10 @@
 
 from kfp import dsl
 
-from components.images import RUNTIME_CPU
+from components.images import RUNTIME_GPU
 
 
-@dsl.component(base_image=RUNTIME_CPU, install_kfp_package=False)
+@dsl.component(base_image=RUNTIME_GPU, install_kfp_package=False)
 def instructions(
     config: str,
     overrides: list,

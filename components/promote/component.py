@@ -38,7 +38,7 @@ def promote(
     name = run_config.stage6.model_name
     result = register.promote(client, name, version, run_config.stage6, run_config.stage5)
     aliases = sorted(
-        alias for alias, v in client.get_registered_model(name).aliases.items() if v == version
+        alias for alias, v in client.get_registered_model(name).aliases.items() if str(v) == version
     )
     figures = {
         "instructions_kept": instructions_kept,
