@@ -35,6 +35,12 @@ def run(config: str, overrides: list[str], shards: int, run_baseline: bool, work
     refine_af_pipeline(config=config, overrides=overrides, shards=shards, run_baseline=run_baseline)
 
 
+def _shown(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def summary(workspace: Path, model_name: str) -> str:
     """The run's headline figures from MLflow: the last pipeline run and the registry."""
     client = tracking.connect(workspace)
@@ -59,7 +65,7 @@ def summary(workspace: Path, model_name: str) -> str:
         ("registered model", f"{model_name} v{latest.version} ({', '.join(aliases) or '-'})"),
     ]
     width = max(len(name) for name, _ in rows)
-    lines = [f"{name:<{width}}  {'-' if value is None else value}" for name, value in rows]
+    lines = [f"{name:<{width}}  {_shown(value)}" for name, value in rows]
     uri = tracking.tracking_uri(workspace)
     lines.append(f"\nopen the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri}")
     return "\n".join(lines)

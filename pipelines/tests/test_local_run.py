@@ -39,7 +39,7 @@ def test_pipeline_runs_end_to_end(tmp_path, bundled_model_dir):
         timeout=1500,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "registered model                refine-af-model v1" in result.stdout
+    assert "refine-af-model v1 (challenger, champion)" in result.stdout
 
     kfp = _only(workspace / "kfp", "refine-af-*")
     pool = _only(kfp, "instructions/pool")
