@@ -456,6 +456,7 @@ def test_cli_shards_and_merge_print_summary_tables(
             f"model.base={tiny_causal_lm_dir}",
             f"stage2.scorers.llm_judge.model={tiny_causal_lm_dir}",
             "stage3.max_new_tokens=8",
+            "stage3.samples_per_instruction=4",
             "generation.batch_size=4",
         )
         for arg in ("--set", item)
