@@ -1,4 +1,7 @@
-"""Shared fixtures. Servers are real, bind 127.0.0.1 only, and stop when their scope ends."""
+"""Shared fixtures for tests/, components/ and pipelines/.
+
+Servers are real, bind 127.0.0.1 only, and stop when their scope ends.
+"""
 
 import contextlib
 import os
