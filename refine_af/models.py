@@ -262,3 +262,16 @@ def _not_available(reference: str, err: OSError) -> InputError:
     else:
         hint = f"it could not be downloaded or read ({err})"
     return InputError(f"model {reference!r} is not available: {hint}")
+
+
+def lora_config(settings):
+    """peft's LoraConfig for a causal LM from a ``LoraSettings`` section (stages 2 and 4)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )

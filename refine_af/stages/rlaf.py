@@ -213,7 +213,6 @@ def build_trainer(
 ):
     """The trl trainer (GRPO or RLOO) for the LoRA policy; returns (trainer, rewards)."""
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import PrinterCallback
 
     settings = config.stage2
@@ -263,13 +262,7 @@ def build_trainer(
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=models.lora_config(lora),
         callbacks=list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # progress and metrics go through our callback

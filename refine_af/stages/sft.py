@@ -129,7 +129,6 @@ def build_trainer(
 ):
     """trl's SFTTrainer for a LoRA on ``model.base``, loss on the completion only."""
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -167,13 +166,7 @@ def build_trainer(
         train_dataset=Dataset.from_list(list(train)),
         eval_dataset=Dataset.from_list(list(evaluation)) if evaluation else None,
         processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=models.lora_config(lora),
         callbacks=list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # progress and metrics go through our callback
