@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 
-from refine_af import cli, postprocess
+from refine_af import postprocess
 from refine_af.config import load_config
 from refine_af.errors import InputError
 from refine_af.feedback import CompositeReward
@@ -384,17 +384,6 @@ def test_a_real_sampling_model_merges_identically(
 
 
 # ---------------------------------------------------------------- CLI and bad input
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["refine-af", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, " ".join(captured.err.split())
 
 
 @pytest.mark.parametrize(

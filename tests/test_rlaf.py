@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 from refine_af import cli, models
 from refine_af.config import PRESETS_DIR, load_config
@@ -33,18 +34,6 @@ def write_instructions(path: Path, rows: list[dict] = INSTRUCTIONS) -> Path:
     ]
     path.write_text("".join(line + "\n" for line in lines))
     return path
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``refine-af`` in this process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["refine-af", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as done:
-        code = done.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # ---------------------------------------------------------------- rewards for trl

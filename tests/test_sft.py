@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 
 from refine_af import cli, models
 from refine_af.config import load_config
@@ -102,17 +103,6 @@ def test_examples_of_both_policies_are_refused(tmp_path: Path):
 
 
 # ---------------------------------------------------------------- CLI and bad input
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["refine-af", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, " ".join(captured.err.split())
 
 
 def missing_field(path: Path) -> Path:
