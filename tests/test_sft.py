@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cli_runner import run_cli
 
-from refine_af import cli, models
+from refine_af import cli, models, templates
 from refine_af.config import load_config
 from refine_af.errors import InputError
 from refine_af.records import ExampleRecord
@@ -57,31 +57,31 @@ def example(task_input: str = "2 and 3") -> ExampleRecord:
 
 
 def test_chat_rows_are_conversational_prompt_completion():
-    row = sft.to_row(example(), "chat")
+    row = templates.to_row(example(), "chat")
     assert row == {
         "prompt": [{"role": "user", "content": "Add the two numbers.\n\n2 and 3"}],
         "completion": [{"role": "assistant", "content": "5"}],
     }
-    assert sft.to_row(example(""), "chat")["prompt"][0]["content"] == "Add the two numbers."
+    assert templates.to_row(example(""), "chat")["prompt"][0]["content"] == "Add the two numbers."
 
 
 def test_alpaca_rows_with_and_without_input():
-    with_input = sft.to_row(example(), "alpaca")
+    with_input = templates.to_row(example(), "alpaca")
     assert with_input["prompt"].endswith(
         "### Instruction:\nAdd the two numbers.\n\n### Input:\n2 and 3\n\n### Response:\n"
     )
     assert with_input["completion"] == "5"
-    without = sft.to_row(example(""), "alpaca")["prompt"]
+    without = templates.to_row(example(""), "alpaca")["prompt"]
     assert "### Input:" not in without and without.endswith("### Response:\n")
 
 
 def test_template_auto_follows_the_tokenizer(tiny_causal_lm_dir: Path):
     tokenizer = models.load_tokenizer(str(tiny_causal_lm_dir))
-    assert sft.resolve_template("auto", tokenizer) == "chat"  # the bundled tokenizer has one
+    assert templates.resolve_template("auto", tokenizer) == "chat"  # the bundled tokenizer has one
     tokenizer.chat_template = None
-    assert sft.resolve_template("auto", tokenizer) == "alpaca"
+    assert templates.resolve_template("auto", tokenizer) == "alpaca"
     with pytest.raises(InputError, match="no chat template"):
-        sft.resolve_template("chat", tokenizer)
+        templates.resolve_template("chat", tokenizer)
 
 
 def test_held_out_split_takes_whole_instructions_and_is_seeded():

@@ -26,32 +26,20 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from refine_af import models, records, storage, tracking
 from refine_af.config import RunConfig
 from refine_af.errors import InputError
 from refine_af.records import ExampleRecord
 from refine_af.stages.rlaf import StepCallback, deepspeed_config, forwarding_callback
+from refine_af.templates import resolve_template, to_row
 
 ADAPTER_DIR = "adapter"
 MODEL_ARTIFACT = "model"
 TAG = "refine_af."
 # what the logged model needs to load; pinned to the versions that trained it
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors")
-
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides "
-    "further context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-Template = Literal["chat", "alpaca"]
-
 
 # ---------------------------------------------------------------- data
 
@@ -86,34 +74,6 @@ def split_by_instruction(
     held_out = set(random.Random(seed).sample(ids, count))
     train = [e for e in examples if e.instruction_id not in held_out]
     return train, [e for e in examples if e.instruction_id in held_out]
-
-
-def resolve_template(setting: str, tokenizer) -> Template:
-    has_chat = bool(getattr(tokenizer, "chat_template", None))
-    if setting == "chat" and not has_chat:
-        raise InputError(
-            "stage4.template=chat but the model has no chat template; use auto or alpaca"
-        )
-    if setting == "auto":
-        return "chat" if has_chat else "alpaca"
-    return setting  # type: ignore[return-value]
-
-
-def request(example: ExampleRecord) -> str:
-    """What the user asks: the instruction, then its input when there is one."""
-    return "\n\n".join(part for part in (example.instruction, example.input) if part)
-
-
-def to_row(example: ExampleRecord, template: Template) -> dict[str, Any]:
-    """A trl prompt-completion row (conversational for the chat template)."""
-    if template == "chat":
-        return {
-            "prompt": [{"role": "user", "content": request(example)}],
-            "completion": [{"role": "assistant", "content": example.output}],
-        }
-    alpaca = ALPACA_WITH_INPUT if example.input else ALPACA_NO_INPUT
-    prompt = alpaca.format(instruction=example.instruction, input=example.input)
-    return {"prompt": prompt, "completion": example.output}
 
 
 # ---------------------------------------------------------------- training
