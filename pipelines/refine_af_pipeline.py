@@ -5,8 +5,6 @@ sft → evaluate → promote; with ``run_baseline`` the same run builds the no-R
 (instances with the base policy → merge → sft) and evaluate compares the two.
 """
 
-import os
-
 from kfp import dsl, kubernetes
 
 from components.evaluate.component import evaluate
@@ -18,12 +16,12 @@ from components.promote.component import promote
 from components.rlaf.component import rlaf
 from components.sft.component import sft
 from components.shards.component import shard_indices
+from pipelines import placement
 
-# Where GPU steps go; compile-time settings so the compiled YAML is self-describing.
-GPU_NODE_LABEL = os.environ.get("REFINE_AF_GPU_NODE_LABEL", "nvidia.com/gpu.present=true")
-GPU_RESOURCE = "nvidia.com/gpu"
 ENDPOINTS_CONFIG_MAP = "refine-af-endpoints"
 S3_SECRET = "refine-af-s3"
+# Optional: a Hugging Face token for gated models (Llama-2); absent = anonymous downloads.
+HF_SECRET = "refine-af-hf"
 ENDPOINT_KEYS = (
     "MLFLOW_TRACKING_URI",
     "AWS_ENDPOINT_URL",
@@ -31,47 +29,71 @@ ENDPOINT_KEYS = (
     "AWS_DEFAULT_REGION",
 )
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# Argo labels every pod of a run with its workflow's name: one name per pipeline run, read
+# at run time, so it names the MLflow parent run without entering KFP's cache key.
+WORKFLOW_LABEL = "metadata.labels['workflows.argoproj.io/workflow']"
 
 
-def on_cluster(task: dsl.PipelineTask, *, cpu: str, memory: str, cache: bool) -> dsl.PipelineTask:
-    """Resources, MLflow/S3 settings from the ConfigMap and Secret, caching."""
-    task.set_cpu_request(cpu).set_cpu_limit(cpu)
-    task.set_memory_request(memory).set_memory_limit(memory)
+def on_cluster(task: dsl.PipelineTask, size: str, *, cache: bool) -> dsl.PipelineTask:
+    """The profile's image and resources, MLflow/S3 settings from the ConfigMap and Secret,
+    the pipeline run's name, caching."""
+    where = placement.active()
+    need = where.size(size)
+    task.set_container_image(where.image(gpu_step=False))
+    task.set_cpu_request(need.cpu_request).set_cpu_limit(need.cpu_limit)
+    task.set_memory_request(need.memory_request).set_memory_limit(need.memory_limit)
     task.set_caching_options(cache)
     kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIG_MAP, {k: k for k in ENDPOINT_KEYS})
     kubernetes.use_secret_as_env(task, S3_SECRET, {k: k for k in SECRET_KEYS})
+    kubernetes.use_field_path_as_env(task, "REFINE_AF_PIPELINE_RUN", WORKFLOW_LABEL)
     return task
 
 
-def on_gpu(task: dsl.PipelineTask, gpus: int = 1) -> dsl.PipelineTask:
-    """An accelerator, the GPU node selector and the toleration GPU nodes carry."""
-    key, _, value = GPU_NODE_LABEL.partition("=")
-    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
+def on_gpu(task: dsl.PipelineTask, gpus=1) -> dsl.PipelineTask:
+    """A model step: the HF token if there is one; under the gpu profile also the GPU image,
+    ``gpus`` accelerators, the GPU node selector and toleration, and a RAM-backed
+    /dev/shm (NCCL and data loaders outgrow the container runtime's 64 MiB)."""
+    kubernetes.use_secret_as_env(task, HF_SECRET, {"HF_TOKEN": "HF_TOKEN"}, optional=True)
+    where = placement.active()
+    if not where.uses_gpus:
+        return task
+    key, value = where.gpu.node_selector()
+    taint, effect = where.gpu.toleration_parts()
+    task.set_container_image(where.image(gpu_step=True))
+    task.set_accelerator_type(where.gpu.resource).set_accelerator_limit(gpus)
     kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    kubernetes.add_toleration(task, key=taint, operator="Exists", effect=effect)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
     return task
 
 
-def write_instances(run, parent, pool, indices, shards, policy=None):
+def processes(gpus):
+    """Training processes per step: one per GPU, or one on the cpu profile."""
+    return gpus if placement.active().uses_gpus else 1
+
+
+def write_instances(run, pool, indices, shards, policy=None):
     """Stage 3 fanned out over the shards, then merged into one dataset."""
     with dsl.ParallelFor(indices) as shard:
         kwargs = {"policy": policy} if policy is not None else {}
         shard_task = instances(**run, pool=pool, shard=shard, shards=shards, **kwargs)
-        on_gpu(on_cluster(shard_task, cpu="8", memory="48Gi", cache=True)).set_retry(2)
-    merged = merge(parent_run_id=parent, shards=dsl.Collected(shard_task.outputs["examples"]))
-    on_cluster(merged, cpu="2", memory="4Gi", cache=True)
+        on_gpu(on_cluster(shard_task, "shard", cache=True)).set_retry(2)
+    merged = merge(shards=dsl.Collected(shard_task.outputs["examples"]))
+    on_cluster(merged, "merge", cache=True)
     return merged
 
 
-def fine_tune(run, parent, dataset, register: bool):
-    task = sft(**run, parent_run_id=parent, register=register, dataset=dataset)
-    return on_gpu(on_cluster(task, cpu="8", memory="64Gi", cache=False))
+def fine_tune(run, parent, dataset, register: bool, gpus):
+    task = sft(
+        **run, parent_run_id=parent, register=register, processes=processes(gpus), dataset=dataset
+    )
+    return on_gpu(on_cluster(task, "train", cache=False), gpus)
 
 
 def compare(run, parent, candidate, version, baseline=None):
     kwargs = {"baseline": baseline} if baseline is not None else {}
     task = evaluate(**run, parent_run_id=parent, candidate=candidate, version=version, **kwargs)
-    return on_gpu(on_cluster(task, cpu="8", memory="32Gi", cache=False)).set_retry(2)
+    return on_gpu(on_cluster(task, "generate", cache=False)).set_retry(2)
 
 
 def finish(run, parent, version, kept, rl_reward, improved, base_reward=None):
@@ -85,20 +107,16 @@ def finish(run, parent, version, kept, rl_reward, improved, base_reward=None):
         pct_tasks_improved=improved,
         **baseline,
     )
-    return on_cluster(task, cpu="1", memory="2Gi", cache=False)
+    return on_cluster(task, "light", cache=False)
 
 
-@dsl.pipeline(
-    name="refine-af",
-    description="REFINE-AF: Self-Instruct bootstrapping, RL from automated feedback, "
-    "instance generation, SFT, SuperNI evaluation against the no-RL baseline, promotion.",
-)
-def refine_af_pipeline(
+def refine_af_dag(
     config: str = "local-cpu",
     overrides: list = [],  # noqa: B006 - KFP pipeline parameters take literal defaults
     base_model: str = "",
     shards: int = 2,
     run_baseline: bool = True,
+    gpus: int = 1,
 ):
     """Args:
     config: preset name or YAML text of the run configuration.
@@ -106,28 +124,31 @@ def refine_af_pipeline(
     base_model: model reference that replaces model.base ("" keeps the config's).
     shards: parallel instance-generation shards (at least 1).
     run_baseline: also build the no-RL baseline and compare with it.
+    gpus: GPUs per training step (stages 2 and 4), one ``accelerate launch`` process each;
+        the cpu profile trains in one process.
     """
     run = {"config": config, "overrides": overrides, "base_model": base_model}
-    planned = on_cluster(plan(**run, shards=shards), cpu="1", memory="1Gi", cache=False)
+    planned = on_cluster(plan(**run, shards=shards), "light", cache=False)
     parent = planned.outputs["parent_run_id"]
-    fan_out = on_cluster(shard_indices(shards=shards), cpu="100m", memory="256Mi", cache=True)
+    fan_out = on_cluster(shard_indices(shards=shards), "tiny", cache=True)
     fan_out.after(planned)
 
-    stage1 = instructions(**run, parent_run_id=parent)
-    on_gpu(on_cluster(stage1, cpu="8", memory="32Gi", cache=True)).set_retry(2)
+    # Cached steps take no parent run id (see WORKFLOW_LABEL); they run after plan.
+    stage1 = instructions(**run).after(planned)
+    on_gpu(on_cluster(stage1, "generate", cache=True)).set_retry(2)
     pool, kept = stage1.outputs["pool"], stage1.outputs["Output"]
-    stage2 = rlaf(**run, parent_run_id=parent, pool=pool)
-    on_gpu(on_cluster(stage2, cpu="8", memory="64Gi", cache=False))
+    stage2 = rlaf(**run, parent_run_id=parent, processes=processes(gpus), pool=pool)
+    on_gpu(on_cluster(stage2, "train", cache=False), gpus)
 
-    rl_data = write_instances(
-        run, parent, pool, fan_out.output, shards, policy=stage2.outputs["policy"]
-    )
-    rl_model = fine_tune(run, parent, rl_data.outputs["dataset"], register=True)
+    rl_data = write_instances(run, pool, fan_out.output, shards, policy=stage2.outputs["policy"])
+    rl_model = fine_tune(run, parent, rl_data.outputs["dataset"], register=True, gpus=gpus)
     version = rl_model.outputs["Output"]
 
     with dsl.If(run_baseline == True):  # noqa: E712 - a KFP condition, not a Python test
-        base_data = write_instances(run, parent, pool, fan_out.output, shards)
-        base_model_task = fine_tune(run, parent, base_data.outputs["dataset"], register=False)
+        base_data = write_instances(run, pool, fan_out.output, shards)
+        base_model_task = fine_tune(
+            run, parent, base_data.outputs["dataset"], register=False, gpus=gpus
+        )
         compared = compare(
             run, parent, rl_model.outputs["model"], version, base_model_task.outputs["model"]
         )
@@ -138,3 +159,19 @@ def refine_af_pipeline(
     with dsl.Else():
         alone = compare(run, parent, rl_model.outputs["model"], version)
         finish(run, parent, version, kept, rl_data.outputs["Output"], alone.outputs["Output"])
+
+
+def pipeline_for(where: placement.Placement):
+    """The pipeline placed by ``where``. KFP builds the DAG when ``dsl.pipeline`` wraps the
+    function, so each placement wraps it anew."""
+    with placement.using(where):
+        return dsl.pipeline(
+            name="refine-af",
+            description="REFINE-AF: Self-Instruct bootstrapping, RL from automated feedback, "
+            "instance generation, SFT, SuperNI evaluation against the no-RL baseline, "
+            "promotion.",
+        )(refine_af_dag)
+
+
+# The default placement: the gpu profile, images from REFINE_AF_IMAGE_REGISTRY / _TAG.
+refine_af_pipeline = pipeline_for(placement.from_environment())

@@ -590,45 +590,119 @@ def submit(
     overrides: SetOption = None,
     shards: Annotated[int, typer.Option(help="instance-generation shards")] = 2,
     baseline: Annotated[bool, typer.Option(help="also build the no-RL baseline")] = True,
+    profile: Annotated[
+        str,
+        typer.Option(help="placement: cpu (runtime-cpu, no GPUs: kind) or gpu (GPU nodes)"),
+    ] = "gpu",
+    registry: Annotated[
+        str | None,
+        typer.Option(help="image registry", envvar="REFINE_AF_IMAGE_REGISTRY", show_default=False),
+    ] = None,
+    tag: Annotated[
+        str | None, typer.Option(help="image tag", envvar="REFINE_AF_IMAGE_TAG", show_default=False)
+    ] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs per training step (gpu profile)")] = 1,
+    gpu_node_label: Annotated[
+        str | None, typer.Option(help="key=value label of GPU nodes [nvidia.com/gpu.present=true]")
+    ] = None,
+    gpu_resource: Annotated[
+        str | None, typer.Option(help="extended resource of a GPU [nvidia.com/gpu]")
+    ] = None,
+    gpu_toleration: Annotated[
+        str | None, typer.Option(help="key:Effect taint of GPU nodes [nvidia.com/gpu:NoSchedule]")
+    ] = None,
     package: Annotated[
-        Path, typer.Option(help="compiled pipeline (python -m pipelines.compile)")
-    ] = Path("pipelines/refine_af.yaml"),
+        Path | None,
+        typer.Option(help="upload this compiled pipeline as it is instead of compiling one"),
+    ] = None,
     service_account: Annotated[str | None, typer.Option(help="pods' ServiceAccount")] = None,
     wait: Annotated[bool, typer.Option(help="wait for the run to finish")] = False,
     timeout: Annotated[int, typer.Option(help="seconds to wait with --wait")] = 7200,
 ) -> None:
-    """Submit the compiled pipeline to a Kubeflow Pipelines cluster.
+    """Compile the pipeline for the cluster and submit it to Kubeflow Pipelines.
 
     The configuration is checked here and sent as YAML text (the `config` parameter), so a
-    bad preset or override stops before anything reaches the cluster. Only the KFP client
-    is used; the pipeline itself was compiled by `python -m pipelines.compile`.
+    bad preset or override stops (exit 2) before anything reaches the cluster. The pipeline
+    is compiled to a temporary file with the profile, registry and tag asked for; the
+    committed pipelines/refine_af.yaml is not touched. A run that fails or outlasts
+    --timeout ends with exit 1, its URL and the step that failed or was still pending.
     """
+    import tempfile
+
+    from refine_af import submission
+
     if shards < 1:
         raise InputError(f"--shards must be at least 1, got {shards}")
-    if not package.is_file():
-        raise InputError(f"{package}: compiled pipeline not found (python -m pipelines.compile)")
+    if gpus < 1:
+        raise InputError(f"--gpus must be at least 1, got {gpus}")
+    if profile not in {"cpu", "gpu"}:
+        raise InputError(f"--profile must be cpu or gpu, got {profile!r}")
+    if package is not None and not package.is_file():
+        raise InputError(f"{package}: compiled pipeline not found")
     run_config = _config(config, overrides)
+    with tempfile.TemporaryDirectory(prefix="refine-af-submit-") as scratch:
+        if package is None:
+            options = {
+                "registry": registry,
+                "tag": tag,
+                "gpu-node-label": gpu_node_label,
+                "gpu-resource": gpu_resource,
+                "gpu-toleration": gpu_toleration,
+            }
+            package = submission.compile_for_cluster(
+                Path(scratch) / "refine_af.yaml", profile, options
+            )
+            err.print(f"compiled the pipeline for profile {profile}", highlight=False)
+        try:
+            _submit_and_wait(
+                host, experiment, run_config, package, shards, baseline, gpus,
+                service_account, timeout if wait else None,
+            )  # fmt: skip
+        except submission.SubmitFailed as error:
+            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+
+def _submit_and_wait(
+    host, experiment, run_config, package, shards, baseline, gpus, service_account, timeout
+) -> None:
+    """Create the run; with a timeout, wait and raise SubmitFailed unless it succeeds."""
     import kfp
 
-    client = kfp.Client(host=host)
-    result = client.create_run_from_pipeline_package(
-        str(package),
-        arguments={
-            "config": run_config.to_yaml(),
-            "overrides": [],
-            "shards": shards,
-            "run_baseline": baseline,
-        },
-        experiment_name=experiment,
-        run_name=f"{run_config.name}-{run_config.config_hash()}",
-        service_account=service_account,
-    )
-    out.print(f"run {result.run_id} submitted to {host} (experiment {experiment})")
-    if wait:
+    from refine_af import submission
+
+    try:
+        client = kfp.Client(host=host)
+        result = client.create_run_from_pipeline_package(
+            str(package),
+            arguments={
+                "config": run_config.to_yaml(),
+                "overrides": [],
+                "shards": shards,
+                "run_baseline": baseline,
+                "gpus": gpus,
+            },
+            experiment_name=experiment,
+            run_name=f"{run_config.name}-{run_config.config_hash()}",
+            service_account=service_account,
+        )
+    except Exception as error:  # connection refused, HTTP errors from the API server
+        raise submission.SubmitFailed(f"could not submit to {host}: {error}") from error
+    url = submission.run_url(host, result.run_id)
+    out.print(f"run {result.run_id} submitted to {host} (experiment {experiment}): {url}")
+    if timeout is None:
+        return
+    try:
         finished = client.wait_for_run_completion(result.run_id, timeout=timeout)
-        out.print(f"run {result.run_id}: {finished.state}")
-        if finished.state != "SUCCEEDED":
-            raise typer.Exit(1)
+    except TimeoutError:
+        steps = submission.unfinished_steps(client.get_run(result.run_id)) or "unknown"
+        raise submission.SubmitFailed(
+            f"run not finished after {timeout} s: {url}; not done: {steps}"
+        ) from None
+    out.print(f"run {result.run_id}: {finished.state}")
+    if finished.state != "SUCCEEDED":
+        steps = submission.unfinished_steps(finished) or "unknown"
+        raise submission.SubmitFailed(f"run {finished.state}: {url}; failed step: {steps}")
 
 
 def main() -> None:

@@ -18,6 +18,11 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from refine_af.errors import TrackingUnavailable
 
 PARENT_RUN_ENV = "REFINE_AF_PARENT_RUN_ID"
+# Names one pipeline run (on a cluster: its Argo workflow, from the pod's label). Cached
+# steps find the MLflow parent run by this tag instead of taking its id as an input, which
+# would make their cache key change every run.
+PIPELINE_RUN_ENV = "REFINE_AF_PIPELINE_RUN"
+PIPELINE_RUN_TAG = "refine_af.pipeline_run"
 DEFAULT_EXPERIMENT = "refine-af"
 # Probe with no retries and a short timeout: mlflow's defaults (7 retries with backoff,
 # 120 s timeout) would make a wrong URI look like a hung stage for minutes.
@@ -187,7 +192,9 @@ def stage_run(
         Path(workspace).mkdir(parents=True, exist_ok=True)
     client = mlflow.MlflowClient(tracking_uri=uri)
     _require_reachable(client, uri)
-    parent_run_id = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
+    parent_run_id = (
+        parent_run_id or os.environ.get(PARENT_RUN_ENV) or _pipeline_parent(client) or None
+    )
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
     experiment_id = _experiment_id(client, name, _artifact_root(uri, workspace, name))
     with (
@@ -207,6 +214,19 @@ def stage_run(
         yield StageRun(run.info.run_id)
 
 
+def _pipeline_parent(client: mlflow.MlflowClient) -> str | None:
+    """The parent run ``open_pipeline_run`` tagged with this pipeline run's name, if any."""
+    name = os.environ.get(PIPELINE_RUN_ENV)
+    if not name:
+        return None
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{name}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
 def open_pipeline_run(workspace: Path, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
     """Create the parent run of one pipeline run; returns its id ("" under KFP's plugin).
 
@@ -216,6 +236,8 @@ def open_pipeline_run(workspace: Path, params: Mapping[str, Any], tags: Mapping[
     """
     if os.environ.get("MLFLOW_RUN_ID"):
         return ""
+    pipeline_run = os.environ.get(PIPELINE_RUN_ENV)
+    tags = {**tags, PIPELINE_RUN_TAG: pipeline_run} if pipeline_run else tags
     with stage_run("pipeline", workspace, params, tags=tags) as run:
         return run.run_id
 

@@ -12,14 +12,15 @@ source "$here/lib.sh"
 require_tools docker || exit 1
 require_docker_daemon
 
-images=("$@")
-((${#images[@]} > 0)) || images=(runtime-cpu mlflow)
+# Written for bash 3.2 (macOS): an empty array is never expanded under `set -u`.
+if (($# > 0)); then images=("$@"); else images=(runtime-cpu mlflow); fi
 
-read -r -a extra_args <<<"${DOCKER_BUILD_ARGS:-}"
+extra_args=()
+[[ -z "${DOCKER_BUILD_ARGS:-}" ]] || read -r -a extra_args <<<"$DOCKER_BUILD_ARGS"
 for name in "${images[@]}"; do
   dockerfile="$REPO_ROOT/images/$name/Dockerfile"
   [[ -f "$dockerfile" ]] || die "no such image: $name (expected $dockerfile)"
   ref="$(image_ref "$name")"
   log "building $ref"
-  docker build "${extra_args[@]}" -f "$dockerfile" -t "$ref" "$REPO_ROOT"
+  docker build ${extra_args[@]+"${extra_args[@]}"} -f "$dockerfile" -t "$ref" "$REPO_ROOT"
 done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Delete the kind cluster created by kind-up.sh (and everything in it). The local
-# credential files k8s/base/secrets/*.env and the built images are kept.
+# Delete the kind cluster created by kind-up.sh (and everything in it, credentials
+# included: they live only in the cluster). The built images are kept.
 set -euo pipefail
 here="${BASH_SOURCE[0]%/*}"; [[ "$here" != "${BASH_SOURCE[0]}" ]] || here=.
 # shellcheck source=lib.sh

@@ -68,7 +68,10 @@ wait_http "$mlflow_uri/health" "MLflow"
 
 before="$(model_versions)"
 log "registry has $before version(s) of $model; submitting the pipeline ($config)"
-"$refine_af" submit --host "$kfp_host" --experiment "$experiment" --config "$config" --wait
+# The cpu profile: every step on runtime-cpu with requests that fit the kind cluster;
+# REFINE_AF_IMAGE_REGISTRY / _TAG (read by submit) name the images kind-load.sh loaded.
+"$refine_af" submit --host "$kfp_host" --experiment "$experiment" --config "$config" \
+  --profile cpu --wait
 after="$(model_versions)"
 
 if ((after > before)); then

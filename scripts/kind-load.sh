@@ -2,6 +2,8 @@
 # Load locally built images into the kind cluster (build them first:
 # scripts/build-images.sh).
 #   scripts/kind-load.sh [runtime-cpu|runtime-gpu|mlflow ...]   (default: runtime-cpu mlflow)
+# The default is what a kind run needs: the one image the pipeline compiled with
+# `--profile cpu` names (tests/test_scripts.py compares them) and the MLflow server's.
 set -euo pipefail
 here="${BASH_SOURCE[0]%/*}"; [[ "$here" != "${BASH_SOURCE[0]}" ]] || here=.
 # shellcheck source=lib.sh
@@ -11,8 +13,7 @@ require_tools docker kind || exit 1
 require_docker_daemon
 
 cluster="${KIND_CLUSTER_NAME:-refine-af}"
-images=("$@")
-((${#images[@]} > 0)) || images=(runtime-cpu mlflow)
+if (($# > 0)); then images=("$@"); else images=(runtime-cpu mlflow); fi
 
 for name in "${images[@]}"; do
   ref="$(image_ref "$name")"

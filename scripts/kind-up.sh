@@ -3,9 +3,10 @@
 #   1. check prerequisites (docker, kind, kubectl, git) and stop, changing nothing, if any is missing;
 #   2. create the kind cluster `refine-af` from k8s/kind/cluster.yaml unless it exists;
 #   3. install Kubeflow Pipelines 2.17 standalone (k8s/kfp/);
-#   4. build the runtime-cpu and mlflow images and load them into the cluster;
-#   5. create k8s/base/secrets/*.env with random credentials unless they exist;
-#   6. apply k8s/overlays/kind and wait until MinIO, PostgreSQL and MLflow are ready.
+#   4. build the runtime-cpu and mlflow images and load them into the cluster (the
+#      images a `refine-af submit --profile cpu` pipeline and k8s/ name);
+#   5. apply k8s/overlays/kind and wait until the in-cluster credentials, MinIO,
+#      PostgreSQL and MLflow are ready.
 # Safe to re-run. Environment: KIND_CLUSTER_NAME (refine-af), KIND_NODE_IMAGE
 # (kind's default), SKIP_BUILD=1 (load existing images without building),
 # SKIP_KFP=1 (KFP already installed), REFINE_AF_IMAGE_REGISTRY / REFINE_AF_IMAGE_TAG.
@@ -47,7 +48,6 @@ else
 fi
 KIND_CLUSTER_NAME="$cluster" "$REPO_ROOT/scripts/kind-load.sh" runtime-cpu mlflow
 
-ensure_env_files
 apply_refine_af kind "${ctx[@]}"
 
 cat <<MSG
@@ -55,6 +55,6 @@ cat <<MSG
 refine-af is up on kind cluster '$cluster' (kubectl context kind-$cluster):
   KFP UI and API   http://localhost:30880
   MLflow           http://localhost:30500
-  MinIO console    http://localhost:30901   (credentials: k8s/base/secrets/minio-root.env)
-Next: make kind-e2e   (or: refine-af submit --host http://localhost:30880 --config configs/local-cpu.yaml)
+  MinIO console    http://localhost:30901   (user and password: kubectl -n refine-af get secret minio-root -o yaml)
+Next: make kind-e2e   (or: refine-af submit --host http://localhost:30880 --profile cpu --config configs/local-cpu.yaml)
 MSG

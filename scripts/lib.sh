@@ -1,5 +1,7 @@
 # shellcheck shell=bash
-# Shared helpers for scripts/*.sh. Sourced, never run.
+# Shared helpers for scripts/*.sh. Sourced, never run. All scripts run under bash 3.2
+# (macOS): no bash-4 features, and no expansion of a possibly empty array under `set -u`
+# (tests/test_scripts.py checks both).
 #
 # Everything before the prerequisite check uses bash built-ins only, so a script
 # whose tools are missing stops before it changes anything.
@@ -32,13 +34,13 @@ install_hint() {
 # require_tools TOOL... : report every missing tool with how to install it, and
 # return 1 if any is missing.
 require_tools() {
-  local tool missing=()
+  local tool missing=""
   for tool in "$@"; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
   done
-  if ((${#missing[@]} > 0)); then
-    printf 'error: missing prerequisite(s): %s\n' "${missing[*]}" >&2
-    for tool in "${missing[@]}"; do
+  if [[ -n "$missing" ]]; then
+    printf 'error: missing prerequisite(s):%s\n' "$missing" >&2
+    for tool in $missing; do
       printf '  - %s\n' "$(install_hint "$tool")" >&2
     done
     printf 'Nothing was changed.\n' >&2
@@ -53,33 +55,6 @@ require_docker_daemon() {
 
 # image_ref NAME : the reference images are built and loaded under.
 image_ref() { printf '%s/%s:%s' "$REFINE_AF_IMAGE_REGISTRY" "$1" "$REFINE_AF_IMAGE_TAG"; }
-
-# random_secret : 48 hex characters (URL-safe, as the .env.example files ask).
-random_secret() { od -An -tx1 -N24 /dev/urandom | tr -d ' \n'; }
-
-# ensure_env_files : create k8s/base/secrets/*.env from their *.env.example when
-# absent, replacing every `change-me...` placeholder with a random value. Existing
-# .env files are never touched.
-ensure_env_files() {
-  local example target key value
-  for example in "$REPO_ROOT"/k8s/base/secrets/*.env.example; do
-    target="${example%.example}"
-    [[ -e "$target" ]] && continue
-    log "creating ${target#"$REPO_ROOT"/} with random credentials (gitignored)"
-    (
-      umask 077
-      while IFS= read -r line || [[ -n "$line" ]]; do
-        if [[ "$line" =~ ^([A-Za-z_][A-Za-z0-9_]*)=(change-me.*)$ ]]; then
-          key="${BASH_REMATCH[1]}"
-          value="$(random_secret)"
-          printf '%s=%s\n' "$key" "$value"
-        else
-          printf '%s\n' "$line"
-        fi
-      done <"$example" >"$target"
-    )
-  done
-}
 
 # install_kfp KUBECTL_ARGS... : Kubeflow Pipelines standalone, cluster-scoped part
 # first, then (once its CRDs are established) the namespaced part. Idempotent.
@@ -101,7 +76,8 @@ apply_refine_af() {
   kubectl "$@" -n refine-af delete job minio-buckets --ignore-not-found >/dev/null 2>&1 || true
   log "applying k8s/overlays/$overlay"
   kubectl "$@" apply -k "$REPO_ROOT/k8s/overlays/$overlay"
-  log "waiting for MinIO, PostgreSQL and MLflow"
+  log "waiting for the credentials (generated in the cluster on the first apply), MinIO, PostgreSQL and MLflow"
+  kubectl "$@" -n refine-af wait --for=condition=complete job/refine-af-secrets --timeout=600s
   kubectl "$@" -n refine-af rollout status deployment/minio --timeout=600s
   kubectl "$@" -n refine-af rollout status statefulset/postgres --timeout=600s
   kubectl "$@" -n refine-af wait --for=condition=complete job/minio-buckets --timeout=600s

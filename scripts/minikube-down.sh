@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Delete the minikube profile created by minikube-up.sh. The local credential
-# files k8s/base/secrets/*.env are kept.
+# Delete the minikube profile created by minikube-up.sh (credentials included: they
+# live only in the cluster).
 set -euo pipefail
 here="${BASH_SOURCE[0]%/*}"; [[ "$here" != "${BASH_SOURCE[0]}" ]] || here=.
 # shellcheck source=lib.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Like kind-up.sh, on minikube (profile `refine-af`): start minikube unless it
 # runs, install Kubeflow Pipelines, build the images and `minikube image load`
-# them, create the credential files, apply k8s/overlays/minikube and wait.
+# them, apply k8s/overlays/minikube (credentials are generated in the cluster) and wait.
 # Environment: MINIKUBE_PROFILE (refine-af), MINIKUBE_CPUS (4), MINIKUBE_MEMORY
 # (8192, MiB), SKIP_BUILD=1, SKIP_KFP=1, REFINE_AF_IMAGE_REGISTRY / REFINE_AF_IMAGE_TAG.
 set -euo pipefail
@@ -44,7 +44,6 @@ if [[ "$REFINE_AF_IMAGE_REGISTRY" != "$DEFAULT_IMAGE_REGISTRY" ]]; then
   minikube -p "$profile" image load "$default_ref"
 fi
 
-ensure_env_files
 apply_refine_af minikube "${ctx[@]}"
 
 ip="$(minikube -p "$profile" ip)"
@@ -53,7 +52,7 @@ cat <<MSG
 refine-af is up on minikube profile '$profile' (kubectl context $profile):
   KFP UI and API   http://$ip:30880
   MLflow           http://$ip:30500
-  MinIO console    http://$ip:30901   (credentials: k8s/base/secrets/minio-root.env)
+  MinIO console    http://$ip:30901   (user and password: kubectl -n refine-af get secret minio-root -o yaml)
 If the node IP is not reachable from this host (docker driver on macOS/Windows),
 use kubectl port-forward (see docs/deploy.md).
 End-to-end check: KFP_HOST=http://$ip:30880 MLFLOW_URI=http://$ip:30500 scripts/kind-e2e.sh

@@ -19,8 +19,7 @@ def instances(
     """Writes shard ``shard`` of ``shards`` to ``examples``; without ``policy``: the baseline.
 
     ``policy`` is stage 2's folder; its ``adapter/`` writes the instances (the RL policy).
-    The MLflow parent run comes with ``pool``'s metadata: inside ``dsl.ParallelFor``,
-    KFP's local runner passes the loop item for a task's output parameter.
+    The MLflow parent run is found by ``REFINE_AF_PIPELINE_RUN``, outside the cache key.
     """
     import os
     from pathlib import Path
@@ -28,7 +27,6 @@ def instances(
     from refine_af.config import load_config
     from refine_af.stages import instances as stage
 
-    os.environ["REFINE_AF_PARENT_RUN_ID"] = pool.metadata.get("mlflow_parent_run_id", "")
     adapter = [f"stage3.adapter={Path(policy.path) / 'adapter'}"] if policy is not None else []
     run_config = load_config(config, [*overrides, *adapter], base_model=base_model)
     result = stage.execute(

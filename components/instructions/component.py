@@ -10,7 +10,6 @@ def instructions(
     config: str,
     overrides: list,
     base_model: str,
-    parent_run_id: str,
     pool: dsl.Output[dsl.Dataset],
     metrics: dsl.Output[dsl.Metrics],
 ) -> int:
@@ -19,7 +18,9 @@ def instructions(
     Args:
         config: preset name or YAML text of the run configuration.
         overrides: ``section.key=value`` strings applied on top of it.
-        parent_run_id: MLflow run of the pipeline run ("" for none).
+
+    No MLflow parent run id among the inputs: it changes every run and would keep KFP's
+    cache from ever hitting; the stage finds its parent by ``REFINE_AF_PIPELINE_RUN``.
     """
     import os
     from pathlib import Path
@@ -27,7 +28,6 @@ def instructions(
     from refine_af.config import load_config
     from refine_af.stages import instructions as stage
 
-    os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
     run_config = load_config(config, list(overrides), base_model=base_model)
     result = stage.execute(
         run_config,
@@ -37,11 +37,5 @@ def instructions(
     summary = result.summary
     for name in ("candidates", "accepted", "rounds", "classification"):
         metrics.log_metric(name, summary[name])
-    pool.metadata.update(
-        {
-            "config_hash": summary["config_hash"],
-            "accepted": summary["accepted"],
-            "mlflow_parent_run_id": parent_run_id,  # for the tasks of the shard loop
-        }
-    )
+    pool.metadata.update({"config_hash": summary["config_hash"], "accepted": summary["accepted"]})
     return summary["accepted"]

@@ -7,18 +7,20 @@ from components.images import RUNTIME_CPU
 
 @dsl.component(base_image=RUNTIME_CPU, install_kfp_package=False)
 def merge(
-    parent_run_id: str,
     shards: dsl.Input[list[dsl.Dataset]],
     dataset: dsl.Output[dsl.Dataset],
     metrics: dsl.Output[dsl.Metrics],
 ) -> float:
-    """Writes the dataset (records, parquet, Alpaca JSON, card); returns the mean reward."""
+    """Writes the dataset (records, parquet, Alpaca JSON, card); returns the mean reward.
+
+    Cached, so no MLflow parent run id input: the parent is found by
+    ``REFINE_AF_PIPELINE_RUN``.
+    """
     import os
     from pathlib import Path
 
     from refine_af.stages import instances as stage
 
-    os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
     result = stage.merge(
         [Path(shard.path) for shard in shards],
         Path(dataset.path),

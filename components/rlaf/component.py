@@ -11,26 +11,32 @@ def rlaf(
     overrides: list,
     base_model: str,
     parent_run_id: str,
+    processes: int,
     pool: dsl.Input[dsl.Dataset],
     policy: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
 ):
-    """Writes stage 2's folder (LoRA ``adapter/``, reward curves, summary) to ``policy``."""
+    """Writes stage 2's folder (LoRA ``adapter/``, reward curves, summary) to ``policy``.
+
+    Trains under ``accelerate launch --num_processes processes`` (one per GPU), so the
+    presets' DeepSpeed configs get the distributed environment they need.
+    """
     import os
     from pathlib import Path
 
+    from refine_af import launch
     from refine_af.config import load_config
-    from refine_af.stages import rlaf as stage
 
     os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
     run_config = load_config(config, list(overrides), base_model=base_model)
-    result = stage.run(
-        run_config,
-        Path(pool.path) / "instructions.jsonl",
-        Path(policy.path),
-        workspace=Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
-    )
-    summary = result.summary
+    out_dir = Path(policy.path)
+    stage_args = [
+        *("--instructions", str(Path(pool.path) / "instructions.jsonl")),
+        *("--out", str(out_dir)),
+        *launch.config_args(config, list(overrides), base_model),
+        *("--workspace", os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
+    ]
+    summary = launch.run_stage(processes, "rlaf", stage_args, out_dir)
     for name in ("steps", "reward_first5", "reward_last5"):
         if summary.get(name) is not None:
             metrics.log_metric(name, summary[name])

@@ -12,27 +12,32 @@ def sft(
     base_model: str,
     parent_run_id: str,
     register: bool,
+    processes: int,
     dataset: dsl.Input[dsl.Dataset],
     model: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
 ) -> str:
-    """Writes the adapter folder to ``model``; returns the registered version ("" if none)."""
+    """Writes the adapter folder to ``model``; returns the registered version ("" if none).
+
+    Trains under ``accelerate launch --num_processes processes`` (one per GPU).
+    """
     import os
     from pathlib import Path
 
+    from refine_af import launch
     from refine_af.config import load_config
-    from refine_af.stages import sft as stage
 
     os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
-    registration = [f"stage4.register_model={register}"]
-    run_config = load_config(config, [*overrides, *registration], base_model=base_model)
-    result = stage.run(
-        run_config,
-        Path(dataset.path) / "examples.jsonl",
-        Path(model.path),
-        workspace=Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
-    )
-    summary = result.summary
+    step_overrides = [*overrides, f"stage4.register_model={register}"]
+    run_config = load_config(config, step_overrides, base_model=base_model)
+    out_dir = Path(model.path)
+    stage_args = [
+        *("--examples", str(Path(dataset.path) / "examples.jsonl")),
+        *("--out", str(out_dir)),
+        *launch.config_args(config, step_overrides, base_model),
+        *("--workspace", os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
+    ]
+    summary = launch.run_stage(processes, "sft", stage_args, out_dir)
     for name in ("train_examples", "eval_examples", "eval_loss"):
         if summary.get(name) is not None:
             metrics.log_metric(name, summary[name])

@@ -18,7 +18,6 @@ def test_writes_the_stage_folder_and_metrics(local_runner, tiny_causal_lm_dir):
         config="local-cpu",
         overrides=overrides,
         base_model=str(tiny_causal_lm_dir),
-        parent_run_id="",
     )
     folder = Path(task.outputs["pool"].path)
     summary = json.loads((folder / "summary.json").read_text())
@@ -31,4 +30,4 @@ def test_writes_the_stage_folder_and_metrics(local_runner, tiny_causal_lm_dir):
         "summary.json",
     }
     assert task.outputs["pool"].metadata["config_hash"] == summary["config_hash"]
-    assert task.outputs["pool"].metadata["mlflow_parent_run_id"] == ""
+    assert "mlflow_parent_run_id" not in task.outputs["pool"].metadata

@@ -6,7 +6,7 @@ from components.merge.component import merge
 
 def test_interface():
     inputs, outputs, image = interface(merge)
-    assert inputs == {"parent_run_id": "String", "shards": "system.Dataset@0.0.1"}
+    assert inputs == {"shards": "system.Dataset@0.0.1"}
     assert outputs == {
         "dataset": "system.Dataset@0.0.1",
         "metrics": "system.Metrics@0.0.1",

@@ -11,6 +11,7 @@ def test_interface():
         "overrides": "List",
         "base_model": "String",
         "parent_run_id": "String",
+        "processes": "Integer",
         "pool": "system.Dataset@0.0.1",
     }
     assert outputs == {"policy": "system.Model@0.0.1", "metrics": "system.Metrics@0.0.1"}

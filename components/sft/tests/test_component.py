@@ -12,6 +12,7 @@ def test_interface():
         "base_model": "String",
         "parent_run_id": "String",
         "register": "Boolean",
+        "processes": "Integer",
         "dataset": "system.Dataset@0.0.1",
     }
     assert outputs == {

@@ -1,0 +1,44 @@
+"""Run a training stage under ``accelerate launch``: one process per GPU on one node.
+
+DeepSpeed and multi-GPU data parallelism need the launcher's ``RANK``, ``WORLD_SIZE`` and
+``MASTER_ADDR``; a pipeline step that calls the stage in its own process has none. The
+pipeline's training steps therefore spawn ``accelerate launch --num_processes N -m
+refine_af.cli stage <name> …`` and read the stage's ``summary.json`` afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def command(
+    processes: int, stage: str, stage_args: list[str], *, python: str = sys.executable
+) -> list[str]:
+    """The ``accelerate launch`` command line for ``refine-af stage <stage> <stage_args>``."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    launch = [python, "-m", "accelerate.commands.launch", "--num_machines", "1"]
+    launch += ["--num_processes", str(processes)]
+    if processes > 1:
+        launch.append("--multi_gpu")
+    return [*launch, "-m", "refine_af.cli", "stage", stage, *stage_args]
+
+
+def config_args(config: str, overrides: list[str], base_model: str) -> list[str]:
+    """``--config``/``--set`` options that rebuild the step's configuration in the CLI."""
+    extra = [f"model.base={base_model}"] if base_model else []
+    args = ["--config", config]
+    for override in [*overrides, *extra]:
+        args += ["--set", override]
+    return args
+
+
+def run_stage(processes: int, stage: str, stage_args: list[str], out_dir: Path) -> dict:
+    """Launch the stage, stop with its exit status if it fails, return its summary."""
+    completed = subprocess.run(command(processes, stage, stage_args), check=False)
+    if completed.returncode != 0:
+        sys.exit(f"accelerate launch of stage {stage} failed (exit {completed.returncode})")
+    return json.loads((out_dir / "summary.json").read_text())
