@@ -13,11 +13,11 @@ require_tools docker || exit 1
 require_docker_daemon
 
 # Written for bash 3.2 (macOS): an empty array is never expanded under `set -u`.
-if (($# > 0)); then images=("$@"); else images=(runtime-cpu mlflow); fi
+(($# > 0)) || set -- runtime-cpu mlflow
 
 extra_args=()
 [[ -z "${DOCKER_BUILD_ARGS:-}" ]] || read -r -a extra_args <<<"$DOCKER_BUILD_ARGS"
-for name in "${images[@]}"; do
+for name in "$@"; do
   dockerfile="$REPO_ROOT/images/$name/Dockerfile"
   [[ -f "$dockerfile" ]] || die "no such image: $name (expected $dockerfile)"
   ref="$(image_ref "$name")"

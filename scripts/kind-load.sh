@@ -13,9 +13,9 @@ require_tools docker kind || exit 1
 require_docker_daemon
 
 cluster="${KIND_CLUSTER_NAME:-refine-af}"
-if (($# > 0)); then images=("$@"); else images=(runtime-cpu mlflow); fi
+(($# > 0)) || set -- runtime-cpu mlflow
 
-for name in "${images[@]}"; do
+for name in "$@"; do
   ref="$(image_ref "$name")"
   docker image inspect "$ref" >/dev/null 2>&1 \
     || die "image $ref not found locally; build it with scripts/build-images.sh $name"
