@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--gpu-node-label", help="key=value label of GPU nodes")
     parser.add_argument("--gpu-resource", help="extended resource of a GPU")
     parser.add_argument("--gpu-toleration", help="key:Effect of the GPU nodes' taint")
+    parser.add_argument("--model-cache", default="",
+                        help="PVC that model steps share as their model cache")  # fmt: skip
     parser.add_argument("--images", type=Path, metavar="YAML",
                         help="print the images YAML names and exit")  # fmt: skip
     args = parser.parse_args()
@@ -62,6 +64,7 @@ def main() -> None:
         registry=args.registry or where.registry,
         tag=args.tag or where.tag,
         gpu=replace(where.gpu, **gpu),
+        model_cache=args.model_cache,
     )
     print(compile_pipeline(args.out, where))
 

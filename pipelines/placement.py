@@ -94,6 +94,10 @@ class Placement:
     registry: str = DEFAULT_REGISTRY
     tag: str = DEFAULT_TAG
     gpu: Gpu = field(default_factory=Gpu)
+    # A PersistentVolumeClaim (in the pipeline's namespace) that model steps share as their
+    # Hugging Face and refine-af model cache, so a base model is downloaded once per
+    # cluster, not per pod; "" = each pod downloads into its own disk.
+    model_cache: str = ""
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:

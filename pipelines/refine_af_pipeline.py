@@ -32,6 +32,7 @@ SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # Argo labels every pod of a run with its workflow's name: one name per pipeline run, read
 # at run time, so it names the MLflow parent run without entering KFP's cache key.
 WORKFLOW_LABEL = "metadata.labels['workflows.argoproj.io/workflow']"
+MODEL_CACHE_PATH = "/models"
 
 
 def on_cluster(task: dsl.PipelineTask, size: str, *, cache: bool) -> dsl.PipelineTask:
@@ -50,11 +51,16 @@ def on_cluster(task: dsl.PipelineTask, size: str, *, cache: bool) -> dsl.Pipelin
 
 
 def on_gpu(task: dsl.PipelineTask, gpus=1) -> dsl.PipelineTask:
-    """A model step: the HF token if there is one; under the gpu profile also the GPU image,
+    """A model step: the HF token if there is one, the shared model cache if the placement
+    names one; under the gpu profile also the GPU image,
     ``gpus`` accelerators, the GPU node selector and toleration, and a RAM-backed
     /dev/shm (NCCL and data loaders outgrow the container runtime's 64 MiB)."""
     kubernetes.use_secret_as_env(task, HF_SECRET, {"HF_TOKEN": "HF_TOKEN"}, optional=True)
     where = placement.active()
+    if where.model_cache:  # a fixed claim name, so KFP's cache key stays the same
+        kubernetes.mount_pvc(task, pvc_name=where.model_cache, mount_path=MODEL_CACHE_PATH)
+        task.set_env_variable("HF_HOME", f"{MODEL_CACHE_PATH}/huggingface")
+        task.set_env_variable("REFINE_AF_CACHE", f"{MODEL_CACHE_PATH}/refine-af")
     if not where.uses_gpus:
         return task
     key, value = where.gpu.node_selector()

@@ -611,6 +611,10 @@ def submit(
     gpu_toleration: Annotated[
         str | None, typer.Option(help="key:Effect taint of GPU nodes [nvidia.com/gpu:NoSchedule]")
     ] = None,
+    model_cache: Annotated[
+        str | None,
+        typer.Option(help="PVC (namespace kubeflow) that model steps share as model cache"),
+    ] = None,
     package: Annotated[
         Path | None,
         typer.Option(help="upload this compiled pipeline as it is instead of compiling one"),
@@ -648,6 +652,7 @@ def submit(
                 "gpu-node-label": gpu_node_label,
                 "gpu-resource": gpu_resource,
                 "gpu-toleration": gpu_toleration,
+                "model-cache": model_cache,
             }
             package = submission.compile_for_cluster(
                 Path(scratch) / "refine_af.yaml", profile, options

@@ -685,6 +685,25 @@ def test_external_s3_overlay_points_everything_at_one_endpoint(rendered) -> None
     }  # fmt: skip
 
 
+def test_model_cache_component_is_a_valid_rwx_claim(tmp_path: Path) -> None:
+    """The claim `refine-af submit --model-cache refine-af-models` mounts, in the namespace
+    pipeline pods run in, shareable across nodes."""
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed")
+    overlay = tmp_path / "k8s" / "overlays" / "with-cache"
+    tree = _render_tree(tmp_path)
+    overlay.mkdir(parents=True)
+    (overlay / "kustomization.yaml").write_text(
+        "resources: [../../base]\ncomponents: [../../components/model-cache]\n"
+    )
+    objs = _kustomize(tree, "overlays/with-cache")
+    [claim] = [o for o in objs if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "refine-af-models"]
+    assert claim["metadata"]["namespace"] == KFP_NAMESPACE
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(claim, K8S_SCHEMA_VERSION, strict=True)
+
+
 def object_counts(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
     return {rel: len(objs) for rel, objs in rendered.items()}
 

@@ -266,3 +266,23 @@ def test_bad_input_stops_before_any_component(tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_model_cache_is_one_claim_shared_by_the_model_steps(tmp_path):
+    """Item 12: with a model cache, every model step mounts the same claim (a fixed name,
+    so the cache key does not change) and keeps HF_HOME and refine-af's cache on it."""
+    where = placement.Placement(model_cache="refine-af-models")
+    path = compile_pipeline(tmp_path / "p.yaml", where)
+    spec, platform = yaml.safe_load_all(path.read_text())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        mounts = k8s[name].get("pvcMount", [])
+        env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
+        if _stage(name) in GPU_STAGES:
+            assert [m["constant"] for m in mounts] == ["refine-af-models"], name
+            assert mounts[0]["mountPath"] == "/models", name
+            assert env == {"HF_HOME": "/models/huggingface", "REFINE_AF_CACHE": "/models/refine-af"}
+        else:
+            assert not mounts and not env, name
+    committed = COMPILED.read_text()
+    assert "pvcMount" not in committed and "HF_HOME" not in committed
