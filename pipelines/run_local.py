@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import uuid
 from pathlib import Path
 
 from refine_af import tracking
@@ -31,6 +32,9 @@ def run(config: str, overrides: list[str], shards: int, run_baseline: bool, work
 
     workspace = workspace.resolve()
     os.environ["REFINE_AF_WORKSPACE"] = str(workspace)
+    # On a cluster the pod's Argo workflow name; here one id per run, for the cached steps
+    # that find the MLflow parent run by it (refine_af.tracking.PIPELINE_RUN_ENV).
+    os.environ[tracking.PIPELINE_RUN_ENV] = f"local-{uuid.uuid4().hex}"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workspace / "kfp"))
     refine_af_pipeline(config=config, overrides=overrides, shards=shards, run_baseline=run_baseline)
 
