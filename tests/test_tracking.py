@@ -145,3 +145,27 @@ def test_a_run_injected_by_kfp_is_used(mlflow_server, tmp_path, monkeypatch):
     logged = client.get_run(injected)
     assert logged.data.metrics["accepted"] == 3
     assert logged.data.tags["refine_af.stage"] == "instructions"
+
+
+def test_cached_steps_find_the_parent_by_pipeline_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12 item 9: a step without a parent run id nests under the pipeline run that
+    carries the same REFINE_AF_PIPELINE_RUN; another pipeline run's steps do not."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    parents = {}
+    for name in ("workflow-a", "workflow-b"):
+        monkeypatch.setenv(tracking.PIPELINE_RUN_ENV, name)
+        parents[name] = tracking.open_pipeline_run(tmp_path, {"x": 1}, {})
+    monkeypatch.setenv(tracking.PIPELINE_RUN_ENV, "workflow-a")
+    with tracking.stage_run("instructions", tmp_path) as child:
+        pass
+    client = tracking.connect(tmp_path)
+    assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parents["workflow-a"]
+    assert client.get_run(parents["workflow-b"]).data.tags[tracking.PIPELINE_RUN_TAG] == "workflow-b"
+    monkeypatch.delenv(tracking.PIPELINE_RUN_ENV)
+    with tracking.stage_run("alone", tmp_path) as alone:
+        pass
+    assert "mlflow.parentRunId" not in client.get_run(alone.run_id).data.tags
