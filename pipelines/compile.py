@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=COMPILED, help="where to write the YAML")
     parser.add_argument("--profile", choices=placement.PROFILES, default="gpu",
-                        help="cpu: runtime-cpu, no accelerators (kind); gpu: GPU nodes")  # fmt: skip
+                        help="cpu: runtime-cpu, no GPUs (kind); gpu: GPU nodes")  # fmt: skip
     parser.add_argument("--registry", help="image registry (default $REFINE_AF_IMAGE_REGISTRY)")
     parser.add_argument("--tag", help="image tag (default $REFINE_AF_IMAGE_TAG)")
     parser.add_argument("--gpu-node-label", help="key=value label of GPU nodes")

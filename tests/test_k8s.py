@@ -399,7 +399,8 @@ else:
     ns, name = url.split("/namespaces/")[1].split("/secrets/")
     path = store / ns / name
     code = 200 if path.exists() else 404
-    pathlib.Path(out).write_text(json.dumps(json.loads(path.read_text()), indent=2) if code == 200 else "{{}}")
+    text = json.dumps(json.loads(path.read_text()), indent=2) if code == 200 else "{{}}"
+    pathlib.Path(out).write_text(text)
 print(code, end="")
 """
     )
@@ -491,11 +492,15 @@ def test_kfp_install_patches_the_same_launcher_config(rendered) -> None:
     """Re-applying k8s/kfp/platform-agnostic keeps refine-af's launcher settings (item 10)."""
     patch = yaml.safe_load((K8S / "kfp" / "platform-agnostic" / "kfp-launcher.yaml").read_text())
     [launcher] = [
-        o for o in rendered["base"] if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "kfp-launcher"
+        o
+        for o in rendered["base"]
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "kfp-launcher"
     ]
     assert patch["data"] == launcher["data"]
     assert patch["metadata"]["namespace"] == KFP_NAMESPACE
-    kustomization = yaml.safe_load((K8S / "kfp" / "platform-agnostic" / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load(
+        (K8S / "kfp" / "platform-agnostic" / "kustomization.yaml").read_text()
+    )
     assert {"path": "kfp-launcher.yaml"} in kustomization["patches"]
 
 
@@ -505,9 +510,7 @@ def test_kfp_mlflow_plugin_points_at_this_stack(rendered) -> None:
     folder = K8S / "kfp" / "platform-agnostic"
     config = json.loads((folder / "apiserver-config.json").read_text())
     plugin = config["plugins"]["mlflow"]
-    [endpoints] = [
-        o for o in rendered["base"] if o["metadata"]["name"] == "refine-af-endpoints"
-    ]
+    [endpoints] = [o for o in rendered["base"] if o["metadata"]["name"] == "refine-af-endpoints"]
     assert plugin["endpoint"] == endpoints["data"]["MLFLOW_TRACKING_URI"]
     assert "opendatahub" not in json.dumps(config)
     assert plugin["settings"]["injectUserEnvVars"] is True
@@ -545,11 +548,25 @@ def test_kfp_manifests_are_pinned_to_a_release() -> None:
 
 # What KFP 2.17.0's driver, launcher and Argo's executor call from a step's pod.
 PIPELINE_ROLE_RULES = [
-    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-launcher"], "verbs": ["get"]},
-    {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["refine-af-s3"], "verbs": ["get"]},
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": ["kfp-launcher"],
+        "verbs": ["get"],
+    },
+    {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "resourceNames": ["refine-af-s3"],
+        "verbs": ["get"],
+    },
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
     {"apiGroups": ["argoproj.io"], "resources": ["workflows"], "verbs": ["get"]},
-    {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]},
+    {
+        "apiGroups": ["argoproj.io"],
+        "resources": ["workflowtaskresults"],
+        "verbs": ["create", "patch"],
+    },
 ]
 
 
@@ -557,7 +574,9 @@ def test_pipeline_rbac_is_least_privilege(rendered) -> None:
     """Item 11: exactly the calls of KFP 2.17.0, no ClusterRoles, no accounts upstream lacks."""
     objs = rendered["base"]
     assert not [o for o in objs if o["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
-    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in objs if r["kind"] == "Role"}
+    roles = {
+        (r["metadata"]["namespace"], r["metadata"]["name"]): r for r in objs if r["kind"] == "Role"
+    }
     assert roles[(KFP_NAMESPACE, "refine-af-pipeline")]["rules"] == PIPELINE_ROLE_RULES
     for role in roles.values():
         for rule in role["rules"]:
@@ -565,13 +584,21 @@ def test_pipeline_rbac_is_least_privilege(rendered) -> None:
             assert "*" not in rule.get("apiGroups", []), _name(role)
             if "secrets" in rule["resources"] and rule["verbs"] != ["create"]:
                 assert rule["verbs"] == ["get"] and rule.get("resourceNames"), _name(role)
-    accounts = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in objs if o["kind"] == "ServiceAccount"}
+    accounts = {
+        (o["metadata"]["namespace"], o["metadata"]["name"])
+        for o in objs
+        if o["kind"] == "ServiceAccount"
+    }
     assert accounts == {(KFP_NAMESPACE, "refine-af-pipeline"), (NAMESPACE, "refine-af-secrets")}
     for binding in (o for o in objs if o["kind"] == "RoleBinding"):
         for subject in binding["subjects"]:
             assert (subject["namespace"], subject["name"]) in accounts, _name(binding)
     # Only the secrets Job may create Secrets.
-    creators = [r for r in roles.values() if any("create" in x["verbs"] and "secrets" in x["resources"] for x in r["rules"])]
+    creators = [
+        r
+        for r in roles.values()
+        if any("create" in x["verbs"] and "secrets" in x["resources"] for x in r["rules"])
+    ]
     assert {r["metadata"]["name"] for r in creators} == {"refine-af-secrets"}
 
 
@@ -669,7 +696,10 @@ def test_external_s3_overlay_points_everything_at_one_endpoint(rendered) -> None
     assert url == endpoints["data"]["MLFLOW_S3_ENDPOINT_URL"]
     assert url == "http://seaweedfs.kubeflow.svc.cluster.local:8333"
     [mlflow] = [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow"]
-    env = {e["name"]: e.get("value") for e in mlflow["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e.get("value")
+        for e in mlflow["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["MLFLOW_S3_ENDPOINT_URL"] == url
     [launcher] = [o for o in objs if o["metadata"]["name"] == "kfp-launcher"]
     s3 = yaml.safe_load(launcher["data"]["providers"])["s3"]["default"]
@@ -697,7 +727,11 @@ def test_model_cache_component_is_a_valid_rwx_claim(tmp_path: Path) -> None:
         "resources: [../../base]\ncomponents: [../../components/model-cache]\n"
     )
     objs = _kustomize(tree, "overlays/with-cache")
-    [claim] = [o for o in objs if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "refine-af-models"]
+    [claim] = [
+        o
+        for o in objs
+        if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "refine-af-models"
+    ]
     assert claim["metadata"]["namespace"] == KFP_NAMESPACE
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     kubernetes_validate = pytest.importorskip("kubernetes_validate")

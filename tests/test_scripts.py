@@ -9,7 +9,6 @@ fake tools that record how they were called.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import stat
@@ -319,7 +318,10 @@ def test_kind_up_applies_the_overlay_and_waits_for_in_cluster_credentials(tmp_pa
     assert proc.returncode == 0, proc.stderr
     log = calls.read_text().splitlines()
     apply = f"kubectl --context kind-refine-af apply -k {root}/k8s/overlays/kind"
-    wait = "kubectl --context kind-refine-af -n refine-af wait --for=condition=complete job/refine-af-secrets --timeout=600s"
+    wait = (
+        "kubectl --context kind-refine-af -n refine-af wait --for=condition=complete "
+        "job/refine-af-secrets --timeout=600s"
+    )
     assert apply in log and wait in log
     assert log.index(wait) > log.index(apply)
     assert not list(root.rglob("*.env"))

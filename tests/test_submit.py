@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -19,7 +20,7 @@ HOST = "http://localhost:30880"
 class FakeClient:
     """Records what submit sends; answers as configured."""
 
-    instances: list[FakeClient] = []
+    instances: ClassVar[list[FakeClient]] = []
     outcome = "SUCCEEDED"  # or "FAILED", "TIMEOUT", "REFUSED"
 
     def __init__(self, host: str):
@@ -39,7 +40,8 @@ class FakeClient:
         tasks = [
             {"display_name": "root", "state": state},
             {"display_name": "plan", "state": "SUCCEEDED"},
-            {"display_name": "instructions", "state": "RUNNING" if state != "FAILED" else "SUCCEEDED"},
+            {"display_name": "instructions",
+             "state": "RUNNING" if state != "FAILED" else "SUCCEEDED"},
             {"display_name": "rlaf", "state": "FAILED" if state == "FAILED" else "PENDING",
              "error": {"message": "OOMKilled"} if state == "FAILED" else None},
         ]  # fmt: skip

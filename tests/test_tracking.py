@@ -164,7 +164,9 @@ def test_cached_steps_find_the_parent_by_pipeline_run(
         pass
     client = tracking.connect(tmp_path)
     assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parents["workflow-a"]
-    assert client.get_run(parents["workflow-b"]).data.tags[tracking.PIPELINE_RUN_TAG] == "workflow-b"
+    assert (
+        client.get_run(parents["workflow-b"]).data.tags[tracking.PIPELINE_RUN_TAG] == "workflow-b"
+    )
     monkeypatch.delenv(tracking.PIPELINE_RUN_ENV)
     with tracking.stage_run("alone", tmp_path) as alone:
         pass

@@ -138,9 +138,7 @@ def test_gpu_settings_come_from_the_placement(tmp_path):
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-rlaf"]
     accelerator = spec["deploymentSpec"]["executors"]["exec-rlaf"]["container"]["resources"]
     assert accelerator["accelerator"]["resourceType"] == "amd.com/gpu"
-    assert k8s["nodeSelector"]["labels"] == {
-        "cloud.google.com/gke-accelerator": "nvidia-h100-80gb"
-    }
+    assert k8s["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     assert k8s["tolerations"] == [{"effect": "NoExecute", "key": "gpu", "operator": "Exists"}]
 
 
@@ -182,7 +180,7 @@ def test_cached_steps_keep_the_run_specific_parent_out_of_their_inputs(compiled)
     _, spec, _ = compiled
     components = spec["components"]
     seen = set()
-    for name, container, k8s in _executors(compiled):
+    for name, _container, k8s in _executors(compiled):
         stage = _stage(name)
         component = components[name.replace("exec-", "comp-", 1)]
         inputs = component.get("inputDefinitions", {}).get("parameters", {})
@@ -200,7 +198,10 @@ def test_cached_steps_keep_the_run_specific_parent_out_of_their_inputs(compiled)
 
 
 def _all_tasks(spec):
-    for dag in [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]:
+    for dag in [
+        spec["root"]["dag"],
+        *(c["dag"] for c in spec["components"].values() if "dag" in c),
+    ]:
         yield from dag["tasks"].values()
 
 
