@@ -20,12 +20,11 @@ for name in "$@"; do
   docker image inspect "$ref" >/dev/null 2>&1 \
     || die "image $ref not found locally; build it with scripts/build-images.sh $name"
   refs=("$ref")
-  # k8s/ names the MLflow image under the default registry; keep that name loadable
-  # when REFINE_AF_IMAGE_REGISTRY points elsewhere.
-  if [[ "$name" == mlflow && "$REFINE_AF_IMAGE_REGISTRY" != "$DEFAULT_IMAGE_REGISTRY" ]]; then
-    default_ref="$DEFAULT_IMAGE_REGISTRY/mlflow:$REFINE_AF_IMAGE_TAG"
-    docker tag "$ref" "$default_ref"
-    refs+=("$default_ref")
+  # k8s/ names one MLflow image; load the build under that name too when the
+  # registry or tag differ.
+  if [[ "$name" == mlflow && "$ref" != "$(manifest_mlflow_image)" ]]; then
+    docker tag "$ref" "$(manifest_mlflow_image)"
+    refs+=("$(manifest_mlflow_image)")
   fi
   for r in "${refs[@]}"; do
     log "loading $r into kind cluster $cluster"

@@ -11,9 +11,6 @@ readonly REPO_ROOT
 
 REFINE_AF_IMAGE_REGISTRY="${REFINE_AF_IMAGE_REGISTRY:-ghcr.io/refine-af}"
 REFINE_AF_IMAGE_TAG="${REFINE_AF_IMAGE_TAG:-0.1.0}"
-# The registry the manifests in k8s/ name (used by the scripts that source this).
-# shellcheck disable=SC2034
-readonly DEFAULT_IMAGE_REGISTRY="ghcr.io/refine-af"
 
 log() { printf '==> %s\n' "$*"; }
 warn() { printf 'warning: %s\n' "$*" >&2; }
@@ -55,6 +52,17 @@ require_docker_daemon() {
 
 # image_ref NAME : the reference images are built and loaded under.
 image_ref() { printf '%s/%s:%s' "$REFINE_AF_IMAGE_REGISTRY" "$1" "$REFINE_AF_IMAGE_TAG"; }
+
+# manifest_mlflow_image : the MLflow image k8s/base/mlflow/deployment.yaml names.
+manifest_mlflow_image() {
+  local line
+  while IFS= read -r line; do
+    case "$line" in
+      *"image: "*/mlflow:*) printf '%s' "${line##*image: }"; return 0 ;;
+    esac
+  done <"$REPO_ROOT/k8s/base/mlflow/deployment.yaml"
+  die "no mlflow image in k8s/base/mlflow/deployment.yaml"
+}
 
 # install_kfp KUBECTL_ARGS... : Kubeflow Pipelines standalone, cluster-scoped part
 # first, then (once its CRDs are established) the namespaced part. Idempotent.

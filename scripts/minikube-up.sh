@@ -38,10 +38,9 @@ for name in runtime-cpu mlflow; do
   log "loading $ref into minikube"
   minikube -p "$profile" image load "$ref"
 done
-if [[ "$REFINE_AF_IMAGE_REGISTRY" != "$DEFAULT_IMAGE_REGISTRY" ]]; then
-  default_ref="$DEFAULT_IMAGE_REGISTRY/mlflow:$REFINE_AF_IMAGE_TAG"
-  docker tag "$(image_ref mlflow)" "$default_ref"
-  minikube -p "$profile" image load "$default_ref"
+if [[ "$(image_ref mlflow)" != "$(manifest_mlflow_image)" ]]; then
+  docker tag "$(image_ref mlflow)" "$(manifest_mlflow_image)"
+  minikube -p "$profile" image load "$(manifest_mlflow_image)"
 fi
 
 apply_refine_af minikube "${ctx[@]}"

@@ -287,8 +287,13 @@ def test_kind_load_loads_exactly_what_the_cpu_pipeline_names(tmp_path: Path) -> 
         if line.startswith("kind load docker-image")
     }
     pipeline_images = _compiled_cpu_images(registry, tag)
-    assert loaded - {"ghcr.io/refine-af/mlflow:dev", f"{registry}/mlflow:{tag}"} == pipeline_images
-    assert {f"{registry}/mlflow:{tag}", "ghcr.io/refine-af/mlflow:dev"} <= loaded
+    manifest_mlflow = re.search(
+        r"image: (\S+/mlflow:\S+)", (REPO / "k8s/base/mlflow/deployment.yaml").read_text()
+    )[1]
+    mlflow = {f"{registry}/mlflow:{tag}", manifest_mlflow}
+    assert loaded - mlflow == pipeline_images
+    assert mlflow <= loaded
+    assert f"docker tag {registry}/mlflow:{tag} {manifest_mlflow}" in calls.read_text()
 
 
 def test_build_images_without_extra_args_passes_none(tmp_path: Path) -> None:
