@@ -52,9 +52,9 @@ def on_cluster(task: dsl.PipelineTask, size: str, *, cache: bool) -> dsl.Pipelin
 
 def on_gpu(task: dsl.PipelineTask, gpus=1) -> dsl.PipelineTask:
     """A model step: the HF token if there is one, the shared model cache if the placement
-    names one; under the gpu profile also the GPU image,
-    ``gpus`` accelerators, the GPU node selector and toleration, and a RAM-backed
-    /dev/shm (NCCL and data loaders outgrow the container runtime's 64 MiB)."""
+    names one; under the gpu profile also the GPU image, ``gpus`` accelerators, the GPU
+    node selector and toleration, and a RAM-backed /dev/shm (NCCL and data loaders
+    outgrow the container runtime's 64 MiB)."""
     kubernetes.use_secret_as_env(task, HF_SECRET, {"HF_TOKEN": "HF_TOKEN"}, optional=True)
     where = placement.active()
     if where.model_cache:  # a fixed claim name, so KFP's cache key stays the same
