@@ -130,6 +130,17 @@ def resolve(reference: str) -> str:
     )
 
 
+def public_reference(reference: str) -> str:
+    """The reference as cards may print it: a local folder by its name, its path means nothing
+    on another machine; builtin aliases, hub ids and s3 URIs as they are."""
+    if reference in BUILTIN_MODELS or storage.is_s3(reference) or "://" in reference:
+        return reference
+    path = Path(reference).expanduser()
+    if path.is_absolute() or path.is_dir():
+        return f"local folder {path.name!r}"
+    return reference
+
+
 def _torch_dtype(name: str):
     import torch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from cli_runner import run_cli
+from local_paths import ABSOLUTE_PATH
 
 from refine_af import postprocess
 from refine_af.config import load_config
@@ -38,8 +40,13 @@ DATASET_FILES = [
     "quarantine.jsonl",
     "alpaca.json",
     "dataset/README.md",
-    "dataset/data/train-00000-of-00001.parquet",
 ]
+STAGE2_RUN_ID = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+ADAPTER_URI = "s3://refine-af/pipeline/run-7/rlaf/policy/adapter"
+
+
+def parquet_files(out_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(out_dir)) for p in (out_dir / "dataset").rglob("*.parquet"))
 
 
 def done(text: str) -> Completion:
@@ -247,6 +254,22 @@ def whole_run(instructions_file: Path, workspace: Path, tmp_path_factory) -> Pat
     return out
 
 
+@pytest.fixture(scope="module")
+def rl_run(instructions_file: Path, workspace: Path, tmp_path_factory) -> Path:
+    """The same instructions written "by stage 2's adapter": the RL policy's export."""
+    stage2 = tmp_path_factory.mktemp("rlaf")
+    (stage2 / "adapter").mkdir()
+    (stage2 / "adapter" / instances.ADAPTER_WEIGHTS).write_bytes(b"lora weights")
+    (stage2 / "summary.json").write_text(json.dumps({"run_id": STAGE2_RUN_ID}))
+    config = stage_config(f"stage3.adapter={stage2 / 'adapter'}")
+    out = tmp_path_factory.mktemp("rl")
+    instances.run(
+        config, instructions_file, out, SeededWriter(), fake_reward(config),
+        workspace=workspace, adapter_uri=ADAPTER_URI,
+    )  # fmt: skip
+    return out
+
+
 def test_counts_reconcile_and_every_example_is_scored(whole_run: Path):
     summary = json.loads((whole_run / "summary.json").read_text())
     assert summary["instructions"] == 11 and summary["generations"] == 44
@@ -288,6 +311,62 @@ def test_exports_parquet_card_and_alpaca(whole_run: Path):
     assert len(alpaca) == len(examples)
 
 
+def own_rows(out_dir: Path) -> list[tuple[str, str]]:
+    return [(e.id, e.policy) for e in read_records(out_dir / "examples.jsonl", ExampleRecord)]
+
+
+def test_two_exports_load_back_as_themselves_with_one_cache(
+    whole_run: Path, rl_run: Path, tmp_path: Path
+):
+    """Regression: with one cache, datasets 5.2 returned the first export for the second."""
+    from datasets import load_dataset
+
+    cache = str(tmp_path / "hf-cache")
+    assert (whole_run / "dataset").name == (rl_run / "dataset").name
+    for out_dir in (rl_run, whole_run, rl_run):
+        dataset = load_dataset(str(out_dir / "dataset"), split="train", cache_dir=cache)
+        assert list(zip(dataset["id"], dataset["policy"], strict=True)) == own_rows(out_dir)
+
+
+def test_two_exports_load_back_as_themselves_through_the_parquet_builder(
+    whole_run: Path, rl_run: Path, tmp_path: Path
+):
+    from datasets import load_dataset
+
+    cache = str(tmp_path / "hf-cache")
+    for out_dir in (rl_run, whole_run):
+        files = str(out_dir / "dataset" / "data" / "*.parquet")
+        dataset = load_dataset("parquet", data_files=files, split="train", cache_dir=cache)
+        assert list(zip(dataset["id"], dataset["policy"], strict=True)) == own_rows(out_dir)
+
+
+def test_a_new_export_to_the_same_folder_replaces_the_old_parquet(whole_run: Path, tmp_path):
+    from refine_af import exports
+
+    folder = tmp_path / "dataset"
+    examples = read_records(whole_run / "examples.jsonl", ExampleRecord)
+    first = exports.write_parquet(folder, examples, sorted(JUDGE_SCORERS))
+    second = exports.write_parquet(folder, examples[:2], sorted(JUDGE_SCORERS))
+    assert first != second
+    assert [str(p.relative_to(folder)) for p in folder.rglob("*.parquet")] == [second]
+
+
+def test_cards_name_durable_references_not_local_paths(whole_run: Path, rl_run: Path):
+    rl_card = (rl_run / "dataset" / "README.md").read_text()
+    weights = hashlib.sha256(b"lora weights").hexdigest()
+    summary = json.loads((rl_run / "summary.json").read_text())
+    for reference in (ADAPTER_URI, STAGE2_RUN_ID, weights, summary["config_hash"]):
+        assert reference in rl_card
+    assert "policy-rl" in rl_card
+    for card in (rl_card, (whole_run / "dataset" / "README.md").read_text()):
+        assert ABSOLUTE_PATH.findall(card) == [], card
+
+
+def test_the_absolute_path_check_can_fail():
+    assert ABSOLUTE_PATH.findall("adapter: `/tmp/ws/kfp/run/rlaf/policy/adapter`") == ["/tmp"]
+    assert ABSOLUTE_PATH.findall("s3://bucket/key, n<1K, 1/4, and/or") == []
+
+
 @pytest.mark.parametrize("count", [1, 3])
 def test_merged_shards_are_byte_identical_to_one_run(
     count: int, instructions_file: Path, whole_run: Path, workspace: Path, tmp_path: Path
@@ -302,7 +381,8 @@ def test_merged_shards_are_byte_identical_to_one_run(
         )  # fmt: skip
         shard_dirs.append(shard_dir)
     merged = instances.merge(shard_dirs, tmp_path / "merged", workspace=workspace)
-    for name in DATASET_FILES:
+    assert parquet_files(merged.out_dir) == parquet_files(whole_run)
+    for name in [*DATASET_FILES, *parquet_files(whole_run)]:
         assert (merged.out_dir / name).read_bytes() == (whole_run / name).read_bytes(), name
     whole = json.loads((whole_run / "summary.json").read_text())
     assert {k: v for k, v in merged.summary.items() if k not in {"seconds", "shards"}} == {

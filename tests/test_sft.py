@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from cli_runner import run_cli
+from local_paths import ABSOLUTE_PATH
 
 from refine_af import cli, models, templates
 from refine_af.config import load_config
@@ -178,6 +179,9 @@ def test_training_writes_adapter_card_and_summary(trained: Path):
     assert adapter_config["base_model_name_or_path"] == "smollm2-135m-instruct"
     card = (out / "adapter" / "README.md").read_text()
     assert summary["dataset_sha256"] in card and "`sft-test` version 1" in card
+    assert summary["run_id"] in card and summary["config_hash"] in card
+    assert 'mlflow.pyfunc.load_model("models:/sft-test/1")' in card
+    assert ABSOLUTE_PATH.findall(card) == [], card
     assert load_config(str(out / "sft_config.yaml")).stage4.max_steps == 2
     assert not (out / ".adapter-staging").exists()
 

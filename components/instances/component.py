@@ -35,5 +35,6 @@ def instances(
         Path(examples.path),
         workspace=Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
         shard=stage.Shard(shard, shards),
+        adapter_uri=f"{policy.uri.rstrip('/')}/adapter" if policy is not None else None,
     )
     examples.metadata.update({"policy": result.summary["policy"], "shard": f"{shard}/{shards}"})

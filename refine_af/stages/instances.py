@@ -37,6 +37,7 @@ from refine_af.records import ExampleRecord, InstructionRecord
 EXAMPLES, FILTERED, QUARANTINE = "examples.jsonl", "filtered.jsonl", "quarantine.jsonl"
 SHARD_INFO, SUMMARY, ALPACA, DATASET_DIR = "shard.json", "summary.json", "alpaca.json", "dataset"
 SAMPLES_LOGGED = 32
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SHARD_KEYS = frozenset(
     (
         "shard",
@@ -97,6 +98,26 @@ def policy(config: RunConfig) -> Policy:
 def policy_reference(config: RunConfig) -> str:
     """What writes the instances: stage 2's adapter (on its base) or the base model."""
     return config.stage3.adapter or config.model.base
+
+
+def adapter_reference(adapter: str | None, uri: str | None = None) -> dict[str, Any] | None:
+    """Durable names of stage 2's adapter for the dataset card: its weights' digest, the MLflow
+    run that trained it (from stage 2's summary.json beside it) and its artifact URI (``uri``,
+    e.g. the KFP artifact's ``s3://…``; ``adapter`` itself when that is an s3 URI)."""
+    if adapter is None:
+        return None
+    folder = str(adapter).rstrip("/")
+    weights = f"{folder}/{ADAPTER_WEIGHTS}"
+    stage2_summary = f"{folder.rsplit('/', 1)[0]}/{SUMMARY}" if "/" in folder else SUMMARY
+    run_id = None
+    if storage.exists(stage2_summary):
+        run_id = json.loads(storage.read_text(stage2_summary)).get("run_id")
+    remote = uri if uri and "://" in uri else (folder if storage.is_s3(folder) else None)
+    return {
+        "sha256": file_sha256(weights) if storage.exists(weights) else None,
+        "uri": remote,
+        "mlflow_run_id": run_id,
+    }
 
 
 def check_adapter(config: RunConfig) -> None:
@@ -275,7 +296,13 @@ def _write_records(out_dir: Path, part: Part) -> None:
 
 
 def summary_of(
-    config: RunConfig, part: Part, *, instructions_sha256: str, shards: int, seconds: float
+    config: RunConfig,
+    part: Part,
+    *,
+    adapter: dict[str, Any] | None,
+    instructions_sha256: str,
+    shards: int,
+    seconds: float,
 ) -> dict[str, Any]:
     settings = config.stage3
     return {
@@ -283,7 +310,7 @@ def summary_of(
         "config_hash": config.config_hash(),
         "policy": policy(config),
         "model": config.model.base,
-        "adapter": settings.adapter,
+        "adapter": adapter,
         "instructions_sha256": instructions_sha256,
         "samples_per_instruction": settings.samples_per_instruction,
         "max_per_instruction": settings.max_per_instruction,
@@ -303,8 +330,8 @@ def finalize(out_dir: Path, config: RunConfig, part: Part, summary: dict[str, An
     _write_records(out_dir, part)
     summary["dataset_sha256"] = file_sha256(out_dir / EXAMPLES)
     score_names = [c.scorer for c in config.stage2.reward.components]
-    exports.write_parquet(out_dir / DATASET_DIR / exports.PARQUET_FILE, part.examples, score_names)
-    card = exports.dataset_card(summary, config.stage1.seed_tasks)
+    parquet = exports.write_parquet(out_dir / DATASET_DIR, part.examples, score_names)
+    card = exports.dataset_card(summary, config.stage1.seed_tasks, parquet)
     storage.write_text(out_dir / DATASET_DIR / "README.md", card)
     exports.write_alpaca(out_dir / ALPACA, part.examples)
     storage.write_text(out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
@@ -340,6 +367,7 @@ def run(
     *,
     workspace: Path,
     shard: Shard | None = None,
+    adapter_uri: str | None = None,
     on_block: Callable[[int, int, Part], None] | None = None,
 ) -> InstancesResult:
     """Write instances for the instructions (of one shard, with ``shard``).
@@ -364,6 +392,7 @@ def run(
         summary = summary_of(
             config,
             part,
+            adapter=adapter_reference(config.stage3.adapter, adapter_uri),
             instructions_sha256=file_sha256(instructions_path),
             shards=shard.count if shard else 1,
             seconds=time.monotonic() - started,
@@ -386,9 +415,14 @@ def execute(
     *,
     workspace: Path,
     shard: Shard | None = None,
+    adapter_uri: str | None = None,
     on_block: Callable[[int, int, Part], None] | None = None,
 ) -> InstancesResult:
-    """Check the inputs, then load the scorers and the policy and run the stage."""
+    """Check the inputs, then load the scorers and the policy and run the stage.
+
+    ``adapter_uri`` is where the adapter is kept for good (a KFP artifact's URI) when
+    ``stage3.adapter`` is a local copy; the dataset card names it.
+    """
     load_instructions(instructions_path, config)
     check_adapter(config)
     names = [c.scorer for c in config.stage2.reward.components]
@@ -410,6 +444,7 @@ def execute(
         reward,
         workspace=workspace,
         shard=shard,
+        adapter_uri=adapter_uri,
         on_block=on_block,
     )
 
@@ -468,6 +503,7 @@ def merge(shard_dirs: Sequence[Path], out_dir: Path, *, workspace: Path) -> Inst
     summary = summary_of(
         config,
         part,
+        adapter=infos[0]["adapter"],
         instructions_sha256=infos[0]["instructions_sha256"],
         shards=infos[0]["shards"],
         seconds=time.monotonic() - started,

@@ -445,6 +445,7 @@ def run(
         summary = {
             "stage": "rlaf",
             "config_hash": config.config_hash(),
+            "run_id": stage_run.run_id,
             "trainer": settings.trainer,
             "instructions": len(instructions),
             "steps": trainer.state.global_step,

@@ -137,26 +137,31 @@ def build_trainer(
 
 
 def model_card(summary: dict[str, Any], config: RunConfig) -> str:
-    """README.md of the adapter: what it was trained on, how, and how to load it."""
+    """README.md of the adapter: what it was trained on, how, and how to load it.
+
+    It names its inputs and itself by durable references (the dataset's digest, the config
+    hash, the MLflow run and registered version), never by a path on the training machine.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
     s, lora = config.stage4, config.stage4.lora
-    registered = summary.get("registered_version")
-    registry = (
-        f"- registry: `{summary['registered_model']}` version {registered}"
-        if registered
-        else "- registry: not registered"
+    base = models.public_reference(config.model.base)
+    name, registered = summary.get("registered_model"), summary.get("registered_version")
+    model_uri = f"models:/{name}/{registered}"
+    registry = f"- registry: `{name}` version {registered} (`{model_uri}`)"
+    use_mlflow = ["```python", "import mlflow", f'model = mlflow.pyfunc.load_model("{model_uri}")']
+    if not registered:
+        registry, use_mlflow = "- registry: not registered", []
+    metadata = ModelCardData(
+        base_model=base,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        tags=["refine-af", "lora", "sft", "trl", f"policy-{summary['policy']}"],
     )
-    eval_loss = summary["eval_loss"]
     lines = [
-        "---",
-        f"base_model: {config.model.base}",
-        "library_name: peft",
-        "pipeline_tag: text-generation",
-        f"tags: [refine-af, lora, sft, trl, policy-{summary['policy']}]",
-        "---",
-        "",
         f"# REFINE-AF instruction-tuned LoRA adapter ({summary['policy']} policy data)",
         "",
-        f"A LoRA adapter for `{config.model.base}`, fine-tuned with trl's SFTTrainer on "
+        f"A LoRA adapter for `{base}`, fine-tuned with trl's SFTTrainer on "
         f"{summary['train_examples']} examples that the {summary['policy']} policy wrote in "
         "stage 3 of REFINE-AF (Roy et al., 2025); the loss covers the output only.",
         "",
@@ -176,7 +181,7 @@ def model_card(summary: dict[str, Any], config: RunConfig) -> str:
         f"device, max length {s.max_length}, bf16 {s.bf16}",
         f"- steps: {summary['steps']} ({summary['epochs']} epochs)",
         f"- train loss: {summary['train_loss']}",
-        f"- eval loss: {summary['eval_loss_before']} before → {eval_loss} after",
+        f"- eval loss: {summary['eval_loss_before']} before → {summary['eval_loss']} after",
         "",
         "## Provenance",
         "",
@@ -186,14 +191,13 @@ def model_card(summary: dict[str, Any], config: RunConfig) -> str:
         "",
         "## Use",
         "",
-        "```python",
-        "from refine_af import models",
-        "tokenizer = models.load_tokenizer('adapter')",
-        "model = models.load_causal_lm('adapter')  # base + this adapter, merged",
-        "```",
+        *([*use_mlflow, "```", ""] if use_mlflow else []),
+        "This folder with refine-af: `models.load_causal_lm('adapter')` (base + adapter).",
         "",
     ]
-    return "\n".join(lines)
+    card = ModelCard("\n".join(lines))
+    card.data = metadata
+    return str(card)
 
 
 def _save_adapter(trainer, staging: Path, base_reference: str) -> None:
