@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -26,7 +26,8 @@ AWS_TEST_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-MLFLOW_START_TIMEOUT_S = 60
+MLFLOW_START_TIMEOUT_S = 180  # a loaded CI machine or laptop needs more than a minute
+MODEL_SERVER_START_TIMEOUT_S = 240  # `mlflow models serve` loads the model before it answers
 
 # No test may reach a model hub: models are bundled or built by the fixtures. Set before
 # anything imports huggingface_hub, which reads the variable once, at import.
@@ -75,12 +76,14 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+def _wait_healthy(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = MLFLOW_START_TIMEOUT_S
+) -> None:
     """Poll ``/health`` until it answers; fail with the server log if it dies or stalls."""
-    deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode}:\n{log.read_text()}")
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
@@ -88,7 +91,7 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.25)
-    pytest.fail(f"mlflow server not healthy in {MLFLOW_START_TIMEOUT_S} s:\n{log.read_text()}")
+    pytest.fail(f"server not healthy in {timeout} s:\n{log.read_text()}")
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
@@ -101,6 +104,27 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@pytest.fixture
+def start_http_server(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """``start(command_for(port), env)`` runs a real server on a free loopback port in its own
+    process group and returns its URL once ``/health`` answers; the group stops after the test."""
+    with contextlib.ExitStack() as stack:
+
+        def start(command_for: Callable[[int], list[str]], env: dict[str, str]) -> str:
+            port = _free_port()
+            url, log = f"http://127.0.0.1:{port}", tmp_path / f"server-{port}.log"
+            with open(log, "wb") as log_file:
+                process = subprocess.Popen(
+                    command_for(port), stdout=log_file, stderr=subprocess.STDOUT,
+                    start_new_session=True, env=env,
+                )  # fmt: skip
+            stack.callback(_stop_group, process)
+            _wait_healthy(url, process, log, timeout=MODEL_SERVER_START_TIMEOUT_S)
+            return url
+
+        yield start
 
 
 @pytest.fixture(scope="session")

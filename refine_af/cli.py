@@ -6,6 +6,7 @@ exit code 2 and one message naming what to fix, before any output is written.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -543,7 +544,7 @@ def promote(
         raise typer.Exit(1)
 
 
-models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
+models_app = typer.Typer(help="Inspect and serve registered models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
@@ -580,6 +581,58 @@ def models_list(
             tags.get(register.EVAL_RUN_TAG, "-"),
         )
     out.print(table)
+
+
+@models_app.command("serve")
+def models_serve(
+    config: ConfigOption = "local-cpu",
+    overrides: SetOption = None,
+    workspace: WorkspaceOption = Path("workspace"),
+    alias: Annotated[str, typer.Option(help="registry alias to serve")] = "champion",
+    version: Annotated[
+        str | None, typer.Option(help="serve this version instead of the alias")
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 5001,
+) -> None:
+    """Serve a registered version over HTTP with `mlflow models serve --env-manager local`.
+
+    The model answers POST /invocations in the format its flavor documents: OpenAI-style
+    {"messages": [...]} for a chat model, {"prompt": "..."} otherwise, with optional
+    max_tokens, temperature, top_p and stop. Runs until interrupted.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import get_model_info
+
+    from refine_af import serving, tracking
+
+    run_config = _config(config, overrides)
+    name = run_config.stage6.model_name
+    client = tracking.connect(workspace)
+    try:
+        found = (
+            client.get_model_version(name, version)
+            if version
+            else client.get_model_version_by_alias(name, alias)
+        )
+    except MlflowException as error:
+        wanted = f"version {version}" if version else f"alias @{alias}"
+        raise InputError(f"registered model {name!r} has no {wanted} ({error.message})") from None
+    model_uri = f"models:/{name}/{found.version}"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(workspace)  # for the server too
+    task = get_model_info(model_uri).flavors.get("transformers", {}).get("inference_task")
+    example = serving.request(task, "Give me three tips for staying focused.", max_tokens=64)
+    served = f"@{alias}" if version is None else "by version"
+    out.print(f"serving {model_uri} ({served}) on http://{host}:{port}; try:")
+    out.print(
+        f"curl -s http://{host}:{port}/invocations -H 'Content-Type: application/json' "
+        f"-d '{json.dumps(example)}'",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    command = serving.serve_command(model_uri, host, port)
+    # mlflow starts `uvicorn` by name: this environment's, even when it is not activated
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    os.execv(command[0], command)
 
 
 @app.command("submit")

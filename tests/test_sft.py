@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from cli_runner import run_cli
 from local_paths import ABSOLUTE_PATH
 
-from refine_af import cli, models, templates
+from refine_af import cli, models, serving, templates
 from refine_af.config import load_config
 from refine_af.errors import InputError
 from refine_af.records import ExampleRecord
@@ -221,3 +222,77 @@ def test_registered_version_is_tagged_and_references_its_base(trained: Path, mlf
     assert flavor["local_base_model_path"] == models.resolve("smollm2-135m-instruct")
     metrics = client.get_metric_history(summary["run_id"], "eval_loss")
     assert len(metrics) >= 2  # before and after training
+
+
+# ---------------------------------------------------------------- the registered model in use
+
+SUPERNI_STYLE = (
+    "Definition: In this task, you are given a sentence. Classify its sentiment as "
+    '"positive" or "negative".\n\nNow complete the following example -\n'
+    "Input: I loved every minute of this film.\nOutput:"
+)
+OPEN_ENDED = "Give me three tips for staying focused."
+
+
+@pytest.fixture(scope="module")
+def champion(trained: Path, mlflow_server: str):
+    """Version 1 as the champion, loaded as MLflow users load a registered model."""
+    import mlflow
+
+    mlflow.MlflowClient(mlflow_server).set_registered_model_alias("sft-test", "champion", "1")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        return mlflow.pyfunc.load_model("models:/sft-test@champion")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("question", [SUPERNI_STYLE, OPEN_ENDED], ids=["superni", "open"])
+def test_the_champion_answers_without_echo_and_keeps_to_max_tokens(champion, question: str):
+    flavor = champion.metadata.flavors["transformers"]
+    assert flavor["inference_task"] == serving.CHAT_TASK  # the bundled tokenizer has a template
+    config = load_config("local-cpu")
+    (prediction,) = champion.predict(serving.request(serving.CHAT_TASK, question))
+    answer = serving.answer(serving.CHAT_TASK, prediction)
+    print(json.dumps({"question": question, "answer": answer}))  # for the closing note
+    assert answer.strip() and answer.strip() != question
+    assert question not in answer and "user\n" not in answer
+    assert prediction["usage"]["completion_tokens"] <= config.stage5.max_new_tokens
+    (short,) = champion.predict(
+        serving.request(serving.CHAT_TASK, question, max_tokens=5, temperature=0.2, stop=["\n"])
+    )
+    assert 0 < short["usage"]["completion_tokens"] <= 5
+    assert question not in serving.answer(serving.CHAT_TASK, short)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_refine_af_models_serve_answers_one_request(
+    champion, mlflow_server: str, start_http_server, tmp_path: Path
+):
+    """`refine-af models serve` runs `mlflow models serve --env-manager local` on 127.0.0.1."""
+    import urllib.request
+
+    def command(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "refine_af.cli", "models", "serve",
+            "--set", "stage6.model_name=sft-test", "--port", str(port),
+            "--workspace", str(tmp_path / "ws"),
+        ]  # fmt: skip
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "OMP_NUM_THREADS": "1"}
+    url = start_http_server(command, env)
+    body = serving.request(serving.CHAT_TASK, OPEN_ENDED, max_tokens=24)
+    request = urllib.request.Request(
+        f"{url}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 200
+        payload = json.loads(response.read())
+    print(json.dumps({"request": body, "response": payload}))  # for the closing note
+    (completion,) = payload  # one chat.completion per request
+    answer = serving.answer(serving.CHAT_TASK, completion)
+    assert answer.strip() and OPEN_ENDED not in answer
+    assert completion["usage"]["completion_tokens"] <= 24

@@ -28,12 +28,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from refine_af import models, records, storage, tracking
+from refine_af import models, records, serving, storage, tracking
 from refine_af.config import RunConfig
 from refine_af.errors import InputError
 from refine_af.records import ExampleRecord
 from refine_af.stages.rlaf import StepCallback, deepspeed_config, forwarding_callback
-from refine_af.templates import resolve_template, to_row
+from refine_af.templates import Template, resolve_template, to_row
 
 ADAPTER_DIR = "adapter"
 MODEL_ARTIFACT = "model"
@@ -238,11 +238,13 @@ def register(
     card: str,
     tags: dict[str, str],
     workspace: Path,
+    template: Template,
 ) -> str:
     """Log the adapter with ``mlflow.transformers`` and register it; returns the version.
 
     A local base (the bundled model, an s3 mirror) is referenced by its path, a hub base by
-    its repository and revision: either way only the adapter is stored.
+    its repository and revision: either way only the adapter is stored. It is logged to be
+    asked in ``template``, the format it was trained on (``serving.flavor_arguments``).
     """
     import mlflow
     from huggingface_hub import ModelCard
@@ -255,11 +257,16 @@ def register(
             "tokenizer": trainer.processing_class,
         },
         name=MODEL_ARTIFACT,
-        task="text-generation",
         registered_model_name=name,
         base_model_path=base_location if Path(base_location).is_dir() else None,
         model_card=ModelCard(card),
         pip_requirements=_pip_requirements(),
+        **serving.flavor_arguments(
+            template,
+            config.stage5.max_new_tokens,
+            config.generation.temperature,
+            config.generation.top_p,
+        ),
     )
     version = str(info.registered_model_version)
     client = tracking.connect(workspace)
@@ -382,7 +389,9 @@ def run(
         if settings.register_model:
             version_tags = {**tags, f"{TAG}sft_run_id": stage_run.run_id}
             card = model_card(summary, config)
-            summary["registered_version"] = register(config, trainer, card, version_tags, workspace)
+            summary["registered_version"] = register(
+                config, trainer, card, version_tags, workspace, template
+            )
             storage.write_text(out_dir / ADAPTER_DIR / "README.md", model_card(summary, config))
         summary["seconds"] = round(time.monotonic() - started, 1)
         history = [entry for entry in trainer.state.log_history if "step" in entry]
