@@ -24,6 +24,8 @@ from refine_af import models, storage
 from refine_af.records import ExampleRecord
 
 DATA_DIR = "data"
+# huggingface_hub renders a card from its metadata and this template (jinja2)
+CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
 SEED_SOURCE = "Self-Instruct's 175 human-written seed tasks (yizhongw/self-instruct)"
 SEED_LICENSE = "apache-2.0"
 
@@ -183,6 +185,5 @@ def dataset_card(summary: dict[str, Any], seed_tasks: str | None, parquet_file: 
         f"`{model}`; its licence terms apply to them as well.",
         "",
     ]
-    card = DatasetCard("\n".join(lines))
-    card.data = metadata
+    card = DatasetCard.from_template(metadata, template_str=CARD_TEMPLATE, body="\n".join(lines))
     return str(card)

@@ -31,6 +31,7 @@ from typing import Any
 from refine_af import models, records, serving, storage, tracking
 from refine_af.config import RunConfig
 from refine_af.errors import InputError
+from refine_af.exports import CARD_TEMPLATE
 from refine_af.records import ExampleRecord
 from refine_af.stages.rlaf import StepCallback, deepspeed_config, forwarding_callback
 from refine_af.templates import Template, resolve_template, to_row
@@ -150,8 +151,9 @@ def model_card(summary: dict[str, Any], config: RunConfig) -> str:
     model_uri = f"models:/{name}/{registered}"
     registry = f"- registry: `{name}` version {registered} (`{model_uri}`)"
     use_mlflow = ["```python", "import mlflow", f'model = mlflow.pyfunc.load_model("{model_uri}")']
-    if not registered:
-        registry, use_mlflow = "- registry: not registered", []
+    if not registered:  # the card logged with the model is written before MLflow numbers it
+        registry = f"- registry: a version of `{name}`" if name else "- registry: not registered"
+        use_mlflow = []
     metadata = ModelCardData(
         base_model=base,
         library_name="peft",
@@ -195,8 +197,7 @@ def model_card(summary: dict[str, Any], config: RunConfig) -> str:
         "This folder with refine-af: `models.load_causal_lm('adapter')` (base + adapter).",
         "",
     ]
-    card = ModelCard("\n".join(lines))
-    card.data = metadata
+    card = ModelCard.from_template(metadata, template_str=CARD_TEMPLATE, body="\n".join(lines))
     return str(card)
 
 
