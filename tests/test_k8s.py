@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -375,9 +376,10 @@ def test_secrets_job_makes_every_secret_the_workloads_read(rendered) -> None:
     assert _referenced_secrets(objs) == JOB_SECRETS
 
 
-def _fake_api(bin_dir: Path, store: Path) -> None:
+def _fake_api(bin_dir: Path, store: Path, get_code: int = 200) -> None:
     """A `curl` that plays the Kubernetes API for Secrets: POST creates (409 if it
-    exists), GET returns it pretty-printed, as the API server does with ?pretty=true."""
+    exists), GET returns it pretty-printed, as the API server does with ?pretty=true
+    (or answers `get_code` with an empty body when that is not 200)."""
     script = bin_dir / "curl"
     script.write_text(
         f"""#!{sys.executable}
@@ -398,7 +400,7 @@ if "-X" in args:
 else:
     ns, name = url.split("/namespaces/")[1].split("/secrets/")
     path = store / ns / name
-    code = 200 if path.exists() else 404
+    code = {get_code} if {get_code} != 200 else 200 if path.exists() else 404
     text = json.dumps(json.loads(path.read_text()), indent=2) if code == 200 else "{{}}"
     pathlib.Path(out).write_text(text)
 print(code, end="")
@@ -407,9 +409,10 @@ print(code, end="")
     script.chmod(0o755)
 
 
-def test_secrets_job_creates_once_and_keeps_them_on_reapply(rendered, tmp_path: Path) -> None:
-    """The Job's script against a fake API: four Secrets with random URL-safe values, the
-    kubeflow copy equal to refine-af's, and a second run (a re-apply) changes nothing."""
+def _secrets_job_against_fake_api(
+    rendered, tmp_path: Path, store: Path, get_code: int = 200
+) -> Callable[[], subprocess.CompletedProcess[str]]:
+    """Runs the Job's script with `sh -e` against `_fake_api` keeping Secrets in `store`."""
     sh = shutil.which("sh")
     if sh is None:
         pytest.skip("no POSIX sh")
@@ -419,13 +422,21 @@ def test_secrets_job_creates_once_and_keeps_them_on_reapply(rendered, tmp_path: 
     (sa / "token").write_text("token")
     script = script.replace("/var/run/secrets/kubernetes.io/serviceaccount", str(sa))
     script = script.replace("/tmp/body", str(tmp_path / "body"))
-    bin_dir, store = tmp_path / "bin", tmp_path / "api"
+    bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    _fake_api(bin_dir, store)
+    _fake_api(bin_dir, store, get_code)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    return lambda: subprocess.run([sh, "-ec", script], env=env, capture_output=True, text=True)
+
+
+def test_secrets_job_creates_once_and_keeps_them_on_reapply(rendered, tmp_path: Path) -> None:
+    """The Job's script against a fake API: four Secrets with random URL-safe values, the
+    kubeflow copy equal to refine-af's, and a second run (a re-apply) changes nothing."""
+    store = tmp_path / "api"
+    job = _secrets_job_against_fake_api(rendered, tmp_path, store)
 
     def run() -> tuple[str, dict[tuple[str, str], dict[str, str]]]:
-        proc = subprocess.run([sh, "-ec", script], env=env, capture_output=True, text=True)
+        proc = job()
         assert proc.returncode == 0, proc.stderr
         secrets = {}
         for path in sorted(store.glob("*/*")):
@@ -446,6 +457,18 @@ def test_secrets_job_creates_once_and_keeps_them_on_reapply(rendered, tmp_path: 
     second_log, second = run()
     assert second == first
     assert second_log.count("exists; kept") == 4
+
+
+def test_secrets_job_stops_when_it_cannot_read_the_secret_it_copies(
+    rendered, tmp_path: Path
+) -> None:
+    """A failed read of refine-af/refine-af-s3 stops the Job (it retries) instead of
+    creating the kubeflow copy with empty values, which later runs would then keep."""
+    store = tmp_path / "api"
+    proc = _secrets_job_against_fake_api(rendered, tmp_path, store, get_code=403)()
+    assert proc.returncode != 0
+    assert "reading Secret refine-af/refine-af-s3 failed: HTTP 403" in proc.stderr
+    assert not (store / KFP_NAMESPACE).exists()
 
 
 def test_no_literal_credentials_in_env_or_configmaps(rendered) -> None:
