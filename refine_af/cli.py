@@ -694,6 +694,8 @@ def submit(
         raise InputError(f"--gpus must be at least 1, got {gpus}")
     if profile not in {"cpu", "gpu"}:
         raise InputError(f"--profile must be cpu or gpu, got {profile!r}")
+    if profile == "cpu" and gpus > 1:
+        raise InputError(f"--gpus {gpus} needs --profile gpu: the cpu profile trains in one process")
     if package is not None and not package.is_file():
         raise InputError(f"{package}: compiled pipeline not found")
     run_config = _config(config, overrides)
@@ -745,7 +747,9 @@ def _submit_and_wait(
             service_account=service_account,
         )
     except Exception as error:  # connection refused, HTTP errors from the API server
-        raise submission.SubmitFailed(f"could not submit to {host}: {error}") from error
+        raise submission.SubmitFailed(
+            f"could not submit to {host}: {submission.one_line(error)}"
+        ) from error
     url = submission.run_url(host, result.run_id)
     out.print(f"run {result.run_id} submitted to {host} (experiment {experiment}): {url}")
     if timeout is None:
@@ -753,10 +757,17 @@ def _submit_and_wait(
     try:
         finished = client.wait_for_run_completion(result.run_id, timeout=timeout)
     except TimeoutError:
-        steps = submission.unfinished_steps(client.get_run(result.run_id)) or "unknown"
+        try:
+            steps = submission.unfinished_steps(client.get_run(result.run_id)) or "unknown"
+        except Exception:  # the cluster went away as well: the URL is what matters
+            steps = "unknown"
         raise submission.SubmitFailed(
             f"run not finished after {timeout} s: {url}; not done: {steps}"
         ) from None
+    except Exception as error:  # the API server stopped answering while we waited
+        raise submission.SubmitFailed(
+            f"lost {host} while waiting for the run: {url}; {submission.one_line(error)}"
+        ) from error
     out.print(f"run {result.run_id}: {finished.state}")
     if finished.state != "SUCCEEDED":
         steps = submission.unfinished_steps(finished) or "unknown"

@@ -44,6 +44,19 @@ def run_url(host: str, run_id: str) -> str:
     return f"{host.rstrip('/')}/#/runs/details/{run_id}"
 
 
+def one_line(error: BaseException) -> str:
+    """An error as one line. KFP's ApiException prints status, reason, every response
+    header and the body on separate lines; keep status, reason and body."""
+    status, reason = getattr(error, "status", None), getattr(error, "reason", None)
+    text = str(error)
+    if status is not None and reason is not None:
+        body = getattr(error, "body", None)
+        if isinstance(body, bytes):
+            body = body.decode(errors="replace")
+        text = f"HTTP {status} {reason}" + (f": {body}" if body else "")
+    return " ".join(text.split())
+
+
 def _field(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 

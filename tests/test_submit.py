@@ -21,7 +21,7 @@ class FakeClient:
     """Records what submit sends; answers as configured."""
 
     instances: ClassVar[list[FakeClient]] = []
-    outcome = "SUCCEEDED"  # or "FAILED", "TIMEOUT", "REFUSED"
+    outcome = "SUCCEEDED"  # or "FAILED", "TIMEOUT", "REFUSED", "HTTP_500", "LOST"
 
     def __init__(self, host: str):
         self.host = host
@@ -32,6 +32,8 @@ class FakeClient:
     def create_run_from_pipeline_package(self, package, arguments, **_):
         if self.outcome == "REFUSED":
             raise ConnectionError("[Errno 111] Connection refused")
+        if self.outcome == "HTTP_500":
+            raise _api_error(500, "Internal Server Error")
         self.package_text = Path(package).read_text()
         self.arguments = arguments
         return SimpleNamespace(run_id="run-123")
@@ -50,10 +52,23 @@ class FakeClient:
     def wait_for_run_completion(self, run_id, timeout):
         if self.outcome == "TIMEOUT":
             raise TimeoutError("Run timeout")
+        if self.outcome == "LOST":
+            raise _api_error(503, "Service Unavailable")
         return self._run(self.outcome)
 
     def get_run(self, run_id):
         return self._run("RUNNING")
+
+
+def _api_error(status: int, reason: str) -> Exception:
+    """What the KFP client raises for an HTTP error: its text spans several lines."""
+    from kfp_server_api import ApiException
+
+    error = ApiException(status=status, reason=reason)
+    error.headers = {"Content-Type": "application/json", "Date": "today"}
+    error.body = b'{"error": "pipeline store down",\n "code": 13}'
+    assert len(str(error).splitlines()) > 1
+    return error
 
 
 @pytest.fixture
@@ -134,10 +149,37 @@ def test_an_unreachable_cluster_exits_1_in_one_line(fake_kfp, monkeypatch, capsy
 
 
 @pytest.mark.parametrize(
+    ("outcome", "args", "message"),
+    [
+        ("HTTP_500", [], f"could not submit to {HOST}: HTTP 500 Internal Server Error: "),
+        ("LOST", ["--wait"], f"lost {HOST} while waiting for the run: {HOST}/#/runs/details/"),
+    ],
+)
+def test_an_api_error_exits_1_in_one_line(fake_kfp, monkeypatch, capsys, outcome, args, message):
+    fake_kfp.outcome = outcome
+    try:
+        code, _, err = _submit(monkeypatch, capsys, "--profile", "cpu", *args)
+    finally:
+        fake_kfp.outcome = "SUCCEEDED"
+    assert code == 1 and "Traceback" not in err
+    assert message in err and '{"error": "pipeline store down", "code": 13}' in err
+    assert "headers" not in err
+
+
+def test_api_errors_are_told_in_one_line():
+    from refine_af.submission import one_line
+
+    text = one_line(_api_error(500, "Internal Server Error"))
+    assert text == 'HTTP 500 Internal Server Error: {"error": "pipeline store down", "code": 13}'
+    assert one_line(ConnectionError("refused\n  twice")) == "refused twice"
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--profile", "tpu"], "--profile must be cpu or gpu"),
         (["--gpus", "0"], "--gpus must be at least 1"),
+        (["--profile", "cpu", "--gpus", "2"], "--gpus 2 needs --profile gpu"),
         (["--package", "nope.yaml"], "nope.yaml: compiled pipeline not found"),
         (["--gpu-node-label", "no-equals"], "key=value"),
     ],
