@@ -59,13 +59,16 @@ def main() -> None:
         )
         if value
     }
-    where = replace(
-        where,
-        registry=args.registry or where.registry,
-        tag=args.tag or where.tag,
-        gpu=replace(where.gpu, **gpu),
-        model_cache=args.model_cache,
-    )
+    try:
+        where = replace(
+            where,
+            registry=args.registry or where.registry,
+            tag=args.tag or where.tag,
+            gpu=replace(where.gpu, **gpu),
+            model_cache=args.model_cache,
+        )
+    except ValueError as error:  # a malformed --gpu-node-label or --gpu-toleration
+        parser.error(str(error))
     print(compile_pipeline(args.out, where))
 
 

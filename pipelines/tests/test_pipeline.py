@@ -155,6 +155,23 @@ def test_bad_placement_is_refused(changes, message):
         placement.Placement(**changes)
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [("--gpu-node-label", "key=value"), ("--gpu-toleration", "key:NoSchedule")],
+)
+def test_compile_refuses_a_malformed_gpu_option_in_one_line(tmp_path, option, message):
+    out = tmp_path / "p.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.compile", "--out", str(out), option, "malformed"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
 def test_model_steps_get_the_optional_hf_token(compiled):
     """Item 4: HF_TOKEN from the optional refine-af-hf Secret on every step that loads a
     model; an absent Secret does not stop the pod."""
