@@ -118,12 +118,11 @@ class Placement:
 
 
 def from_environment(**changes: object) -> Placement:
-    """The gpu profile with ``REFINE_AF_IMAGE_REGISTRY`` / ``_TAG`` /
-    ``REFINE_AF_GPU_NODE_LABEL`` applied, then ``changes``."""
+    """The gpu profile with ``REFINE_AF_IMAGE_REGISTRY`` / ``_TAG`` applied, then
+    ``changes``."""
     placement = Placement(
         registry=os.environ.get("REFINE_AF_IMAGE_REGISTRY", DEFAULT_REGISTRY),
         tag=os.environ.get("REFINE_AF_IMAGE_TAG", DEFAULT_TAG),
-        gpu=Gpu(node_label=os.environ.get("REFINE_AF_GPU_NODE_LABEL", Gpu.node_label)),
     )
     return replace(placement, **changes)  # type: ignore[arg-type]
 
