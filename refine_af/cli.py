@@ -695,7 +695,9 @@ def submit(
     if profile not in {"cpu", "gpu"}:
         raise InputError(f"--profile must be cpu or gpu, got {profile!r}")
     if profile == "cpu" and gpus > 1:
-        raise InputError(f"--gpus {gpus} needs --profile gpu: the cpu profile trains in one process")
+        raise InputError(
+            f"--gpus {gpus} needs --profile gpu: the cpu profile trains in one process"
+        )
     if package is not None and not package.is_file():
         raise InputError(f"{package}: compiled pipeline not found")
     run_config = _config(config, overrides)
