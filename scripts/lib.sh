@@ -80,8 +80,9 @@ install_kfp() {
 apply_refine_af() {
   local overlay="$1"
   shift
-  # A Job's pod template is immutable; the bucket Job is idempotent, so re-create it.
-  kubectl "$@" -n refine-af delete job minio-buckets --ignore-not-found >/dev/null 2>&1 || true
+  # A Job's pod template is immutable, so applying a changed one fails; both Jobs are
+  # idempotent (the secrets Job keeps existing Secrets), so re-create them.
+  kubectl "$@" -n refine-af delete job minio-buckets refine-af-secrets --ignore-not-found >/dev/null 2>&1 || true
   log "applying k8s/overlays/$overlay"
   kubectl "$@" apply -k "$REPO_ROOT/k8s/overlays/$overlay"
   log "waiting for the credentials (generated in the cluster on the first apply), MinIO, PostgreSQL and MLflow"

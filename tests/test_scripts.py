@@ -327,7 +327,12 @@ def test_kind_up_applies_the_overlay_and_waits_for_in_cluster_credentials(tmp_pa
         "kubectl --context kind-refine-af -n refine-af wait --for=condition=complete "
         "job/refine-af-secrets --timeout=600s"
     )
-    assert apply in log and wait in log
-    assert log.index(wait) > log.index(apply)
+    # Jobs are deleted first: applying a changed Job template (an upgrade) would fail.
+    delete = (
+        "kubectl --context kind-refine-af -n refine-af delete job minio-buckets "
+        "refine-af-secrets --ignore-not-found"
+    )
+    assert apply in log and wait in log and delete in log
+    assert log.index(delete) < log.index(apply) < log.index(wait)
     assert not list(root.rglob("*.env"))
     assert "kind load docker-image --name refine-af ghcr.io/refine-af/runtime-cpu:0.1.0" in log
