@@ -3,7 +3,9 @@
 DeepSpeed and multi-GPU data parallelism need the launcher's ``RANK``, ``WORLD_SIZE`` and
 ``MASTER_ADDR``; a pipeline step that calls the stage in its own process has none. The
 pipeline's training steps therefore spawn ``accelerate launch --num_processes N -m
-refine_af.cli stage <name> …`` and read the stage's ``summary.json`` afterwards.
+refine_af.cli stage <name> …`` and read the stage's ``summary.json`` afterwards. Only
+N ≥ 2 goes through torch's distributed launcher; with N = 1 accelerate sets none of
+those variables.
 """
 
 from __future__ import annotations
