@@ -598,8 +598,9 @@ def models_serve(
     """Serve a registered version over HTTP with `mlflow models serve --env-manager local`.
 
     The model answers POST /invocations in the format its flavor documents: OpenAI-style
-    {"messages": [...]} for a chat model, {"prompt": "..."} otherwise, with optional
-    max_tokens, temperature, top_p and stop. Runs until interrupted.
+    {"messages": [...]} for a chat model (optional max_tokens, temperature, top_p, top_k,
+    stop), {"prompt": "..."} otherwise (optional max_tokens, temperature, stop). Greedy:
+    "top_k": 1 (temperature 0 is refused when the model samples). Runs until interrupted.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
@@ -629,6 +630,8 @@ def models_serve(
         f"-d '{json.dumps(example)}'",
         highlight=False, soft_wrap=True,
     )  # fmt: skip
+    if task in serving.REQUEST_FIELDS:  # not for a version logged before llm/v1 tasks
+        out.print(f"a request may also set: {', '.join(serving.REQUEST_FIELDS[task])}")
     command = serving.serve_command(model_uri, host, port)
     # mlflow starts `uvicorn` by name: this environment's, even when it is not activated
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])

@@ -6,12 +6,13 @@ request is OpenAI-style ``{"messages": [...]}`` and the flavor applies the token
 template, as stage 4's conversational rows did. A model without one is logged as
 ``llm/v1/completions`` with Alpaca's template as ``prompt_template``: a request is
 ``{"prompt": "..."}`` and the flavor wraps it as stage 4's Alpaca rows were wrapped. Either
-way the answer comes back without the prompt, and a request may carry ``max_tokens``,
-``temperature``, ``top_p`` and ``stop`` (the signature MLflow sets for these tasks). What it
-leaves out comes from the defaults logged with the model: stage 5's token limit and the
-run's sampling settings (``generation.temperature``, ``generation.top_p``; temperature 0
-logs greedy decoding, and then a request's temperature and top_p have no effect; with
-sampling on, a request's temperature must be above 0, as transformers' sampler requires).
+way the answer comes back without the prompt, and a request may carry the generation fields
+of the signature MLflow sets for its task (``REQUEST_FIELDS``; others are dropped with a
+warning). What it leaves out comes from the defaults logged with the model: stage 5's token
+limit and the run's sampling settings (``generation.temperature``, ``generation.top_p``;
+temperature 0 logs greedy decoding, and then a request's temperature and top_p have no
+effect). With sampling on, a request's temperature must be above 0, as transformers' sampler
+requires; a chat request asks for greedy decoding with ``top_k: 1``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ CHAT_TASK = "llm/v1/chat"
 COMPLETIONS_TASK = "llm/v1/completions"
 # stage 4's Alpaca format for a request without a separate input; the flavor fills {prompt}
 ALPACA_PROMPT_TEMPLATE = ALPACA_NO_INPUT.format(instruction="{prompt}")
+# generation fields of MLflow's input schema per task (mlflow.types.llm); completions has
+# neither top_p nor top_k
+REQUEST_FIELDS = {
+    CHAT_TASK: ("max_tokens", "temperature", "top_p", "top_k", "stop"),
+    COMPLETIONS_TASK: ("max_tokens", "temperature", "stop"),
+}
 
 
 def inference_defaults(max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
@@ -39,18 +46,22 @@ def inference_defaults(max_new_tokens: int, temperature: float, top_p: float) ->
     }
 
 
+def task_for(template: Template) -> str:
+    """The flavor's inference task for a model trained with ``template``."""
+    return CHAT_TASK if template == "chat" else COMPLETIONS_TASK
+
+
 def flavor_arguments(
     template: Template, max_new_tokens: int, temperature: float, top_p: float
 ) -> dict[str, Any]:
     """``mlflow.transformers.log_model`` arguments for a model trained with ``template``."""
-    defaults = inference_defaults(max_new_tokens, temperature, top_p)
-    if template == "chat":
-        return {"task": CHAT_TASK, "model_config": defaults}
-    return {
-        "task": COMPLETIONS_TASK,
-        "prompt_template": ALPACA_PROMPT_TEMPLATE,
-        "model_config": defaults,
+    arguments = {
+        "task": task_for(template),
+        "model_config": inference_defaults(max_new_tokens, temperature, top_p),
     }
+    if template != "chat":
+        arguments["prompt_template"] = ALPACA_PROMPT_TEMPLATE
+    return arguments
 
 
 def request(task: str, question: str, **params: Any) -> dict[str, Any]:

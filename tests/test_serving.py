@@ -92,6 +92,35 @@ def test_a_greedy_default_gives_one_answer(
     assert len(answers) == 1
 
 
+def test_a_chat_request_asks_for_greedy_with_top_k_1_not_temperature_0(
+    tiny_causal_lm_dir: Path, tiny_lora_adapter_dir: Path, tmp_path: Path
+):
+    from mlflow.exceptions import MlflowException
+
+    sampled, _ = log_tiny(
+        tiny_causal_lm_dir, tiny_lora_adapter_dir, tmp_path / "s", True, temperature=5.0
+    )
+    greedy, _ = log_tiny(tiny_causal_lm_dir, tiny_lora_adapter_dir, tmp_path / "g", True)
+    request = serving.request(serving.CHAT_TASK, QUESTION, max_tokens=6)
+    expected = serving.answer(serving.CHAT_TASK, greedy.predict(request)[0])
+    top_1 = {**request, "top_k": 1}
+    answers = {serving.answer(serving.CHAT_TASK, sampled.predict(top_1)[0]) for _ in range(3)}
+    assert answers == {expected}  # the logged temperature still applies, but only to one token
+    with pytest.raises((ValueError, MlflowException), match="strictly positive"):
+        sampled.predict({**request, "temperature": 0.0})  # transformers' sampler refuses 0
+
+
+def test_the_request_fields_are_those_the_docs_name(
+    tiny_causal_lm_dir: Path, tiny_lora_adapter_dir: Path, tmp_path: Path
+):
+    """MLflow fixes the signature of the llm/v1 tasks: completions has no top_p or top_k."""
+    for chat, task in ((True, serving.CHAT_TASK), (False, serving.COMPLETIONS_TASK)):
+        model, _ = log_tiny(tiny_causal_lm_dir, tiny_lora_adapter_dir, tmp_path / task, chat)
+        fields = set(model.metadata.get_input_schema().input_names())
+        generation = fields & {"max_tokens", "temperature", "top_p", "top_k", "stop"}
+        assert generation == set(serving.REQUEST_FIELDS[task])
+
+
 def test_flavor_arguments_follow_the_template_and_the_sampling_settings():
     chat = serving.flavor_arguments("chat", 64, 0.0, 0.5)
     greedy = {"max_new_tokens": 64, "do_sample": False}
