@@ -182,6 +182,8 @@ def test_training_writes_adapter_card_and_summary(trained: Path):
     assert summary["dataset_sha256"] in card and "`sft-test` version 1" in card
     assert summary["run_id"] in card and summary["config_hash"] in card
     assert 'mlflow.pyfunc.load_model("models:/sft-test/1")' in card
+    ask = "model.predict({'messages': [{'role': 'user', 'content': 'Give me three tips.'}]})"
+    assert ask in card  # a request in the chat format, not a bare string
     assert ABSOLUTE_PATH.findall(card) == [], card
     assert load_config(str(out / "sft_config.yaml")).stage4.max_steps == 2
     assert not (out / ".adapter-staging").exists()

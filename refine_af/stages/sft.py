@@ -150,7 +150,13 @@ def model_card(summary: dict[str, Any], config: RunConfig) -> str:
     name, registered = summary.get("registered_model"), summary.get("registered_version")
     model_uri = f"models:/{name}/{registered}"
     registry = f"- registry: `{name}` version {registered} (`{model_uri}`)"
-    use_mlflow = ["```python", "import mlflow", f'model = mlflow.pyfunc.load_model("{model_uri}")']
+    ask = serving.request(serving.task_for(summary["template"]), "Give me three tips.")
+    use_mlflow = [
+        "```python",
+        "import mlflow",
+        f'model = mlflow.pyfunc.load_model("{model_uri}")',
+        f"model.predict({ask!r})  # its request format: refine-af docs/serving.md",
+    ]
     if not registered:  # the card logged with the model is written before MLflow numbers it
         registry = f"- registry: a version of `{name}`" if name else "- registry: not registered"
         use_mlflow = []
