@@ -599,8 +599,9 @@ def models_serve(
 
     The model answers POST /invocations in the format its flavor documents: OpenAI-style
     {"messages": [...]} for a chat model (optional max_tokens, temperature, top_p, top_k,
-    stop), {"prompt": "..."} otherwise (optional max_tokens, temperature, stop). Greedy:
-    "top_k": 1 (temperature 0 is refused when the model samples). Runs until interrupted.
+    stop; "top_k": 1 for the greedy answer, as temperature 0 is refused when the model
+    samples), {"prompt": "..."} otherwise (optional max_tokens, temperature, stop). Runs
+    until interrupted.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
