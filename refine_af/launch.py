@@ -5,12 +5,15 @@ DeepSpeed and multi-GPU data parallelism need the launcher's ``RANK``, ``WORLD_S
 pipeline's training steps therefore spawn ``accelerate launch --num_processes N -m
 refine_af.cli stage <name> …`` and read the stage's ``summary.json`` afterwards. Only
 N ≥ 2 goes through torch's distributed launcher; with N = 1 accelerate sets none of
-those variables.
+those variables, so a DeepSpeed stage sets the single-process rendezvous itself
+(``single_process_rendezvous``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +30,27 @@ def command(
     if processes > 1:
         launch.append("--multi_gpu")
     return [*launch, "-m", "refine_af.cli", "stage", stage, *stage_args]
+
+
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def single_process_rendezvous(environ=os.environ) -> bool:
+    """Give a process started without a distributed launcher a world of one.
+
+    DeepSpeed initialises torch.distributed from ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``; with
+    one GPU (``accelerate launch --num_processes 1``, the CLI, a notebook) nothing sets them
+    and it fails. This sets them as ``deepspeed --num_gpus 1`` would, on a free local port.
+    A launcher's own values are left alone. Returns whether anything was set.
+    """
+    if any(name in environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return False
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    values = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    environ.update({**values, "MASTER_PORT": environ.get("MASTER_PORT", str(port))})
+    return True
 
 
 def config_args(config: str, overrides: list[str], base_model: str) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from cli_runner import run_cli
 
-from refine_af import cli, models
+from refine_af import cli, launch, models
 from refine_af.config import PRESETS_DIR, load_config
 from refine_af.errors import InputError
 from refine_af.feedback import CompositeReward
@@ -124,11 +124,28 @@ def test_deepspeed_config_resolves_bundled_names(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(InputError, match="needs the deepspeed package"):
         rlaf.deepspeed_config("zero2")
     monkeypatch.setattr(rlaf.importlib.util, "find_spec", lambda name: object())
+    rendezvous = []
+    monkeypatch.setattr(rlaf.launch, "single_process_rendezvous", lambda: rendezvous.append(1))
     bundled = Path(rlaf.deepspeed_config("zero2"))
+    assert rendezvous == [1]  # DeepSpeed on one GPU gets its world of one
     assert bundled == Path(str(PRESETS_DIR.joinpath("deepspeed", "zero2.json")))
     assert json.loads(bundled.read_text())["zero_optimization"]["stage"] == 2
     with pytest.raises(InputError, match="neither a file nor a bundled config"):
         rlaf.deepspeed_config("zero9")
+
+
+def test_single_process_rendezvous_fills_in_only_what_no_launcher_set() -> None:
+    environ: dict[str, str] = {}
+    assert launch.single_process_rendezvous(environ)
+    assert {k: environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} == {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }
+    assert environ["MASTER_ADDR"] == "127.0.0.1" and int(environ["MASTER_PORT"]) > 0
+    launched = {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "node-0"}
+    assert not launch.single_process_rendezvous(launched)
+    assert launched == {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "node-0"}
 
 
 # ---------------------------------------------------------------- CLI bad input

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refine_af import models, records, storage, tracking
+from refine_af import launch, models, records, storage, tracking
 from refine_af.config import PRESETS_DIR, RlafSettings, RunConfig
 from refine_af.errors import InputError
 from refine_af.feedback import FAILURES, CompositeReward, RewardBatch, build_scorers
@@ -60,7 +60,11 @@ def load_instructions(path: str | Path, settings: RlafSettings) -> list[Instruct
 
 
 def deepspeed_config(reference: str | None, setting: str = "stage2.deepspeed") -> str | None:
-    """A DeepSpeed JSON file: a path, or the name of one bundled with the presets."""
+    """A DeepSpeed JSON file: a path, or the name of one bundled with the presets.
+
+    Using DeepSpeed also gives a process without a launcher its world of one
+    (``launch.single_process_rendezvous``), so one GPU needs no launcher.
+    """
     if reference is None:
         return None
     if importlib.util.find_spec("deepspeed") is None:
@@ -69,12 +73,12 @@ def deepspeed_config(reference: str | None, setting: str = "stage2.deepspeed") -
             f"image has it); install it or unset {setting}"
         )
     path = Path(reference)
-    if path.is_file():
-        return str(path)
-    bundled = PRESETS_DIR.joinpath("deepspeed", f"{reference.removesuffix('.json')}.json")
-    if bundled.is_file():
-        return str(bundled)
-    raise InputError(f"{setting}: {reference!r} is neither a file nor a bundled config")
+    if not path.is_file():
+        path = PRESETS_DIR.joinpath("deepspeed", f"{reference.removesuffix('.json')}.json")
+    if not path.is_file():
+        raise InputError(f"{setting}: {reference!r} is neither a file nor a bundled config")
+    launch.single_process_rendezvous()
+    return str(path)
 
 
 # ---------------------------------------------------------------- rewards for trl
