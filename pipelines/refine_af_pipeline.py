@@ -2,7 +2,8 @@
 
 seeds → instructions → rlaf → instances (ParallelFor over shards, RL policy) → merge →
 sft → evaluate → promote; with ``run_baseline`` the same run builds the no-RL baseline
-(instances with the base policy → merge → sft) and evaluate compares the two.
+(instances with the base policy → merge → sft, registered with the ``baseline`` alias),
+evaluate compares the two, and promote gates the RL model on the baseline and the champion.
 """
 
 from kfp import dsl, kubernetes
@@ -96,8 +97,10 @@ def fine_tune(run, parent, dataset, register: bool, gpus):
     return on_gpu(on_cluster(task, "train", cache=False), gpus)
 
 
-def compare(run, parent, candidate, version, baseline=None):
-    kwargs = {"baseline": baseline} if baseline is not None else {}
+def compare(run, parent, candidate, version, baseline=None, baseline_version=None):
+    kwargs = {}
+    if baseline is not None:
+        kwargs = {"baseline": baseline, "baseline_version": baseline_version}
     task = evaluate(**run, parent_run_id=parent, candidate=candidate, version=version, **kwargs)
     return on_gpu(on_cluster(task, "generate", cache=False)).set_retry(2)
 
@@ -152,12 +155,14 @@ def refine_af_dag(
 
     with dsl.If(run_baseline == True):  # noqa: E712 - a KFP condition, not a Python test
         base_data = write_instances(run, pool, fan_out.output, shards)
+        # the baseline is registered too (policy base, alias baseline): the gate reads it
         base_model_task = fine_tune(
-            run, parent, base_data.outputs["dataset"], register=False, gpus=gpus
+            run, parent, base_data.outputs["dataset"], register=True, gpus=gpus
         )
         compared = compare(
-            run, parent, rl_model.outputs["model"], version, base_model_task.outputs["model"]
-        )
+            run, parent, rl_model.outputs["model"], version,
+            base_model_task.outputs["model"], base_model_task.outputs["Output"],
+        )  # fmt: skip
         finish(
             run, parent, version, kept, rl_data.outputs["Output"],
             compared.outputs["Output"], base_data.outputs["Output"],
