@@ -60,10 +60,14 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 class TransformersBackend:
     """Generation with a transformers causal LM, in length-sorted left-padded batches."""
 
-    def __init__(self, tokenizer, model, batch_size: int = 16) -> None:
+    def __init__(
+        self, tokenizer, model, batch_size: int = 16, *, add_special_tokens: bool = False
+    ) -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.batch_size = batch_size
+        # True for prompts a model was fine-tuned on as plain text (trl adds a BOS to those)
+        self.add_special_tokens = add_special_tokens
 
     @classmethod
     def from_reference(
@@ -87,7 +91,9 @@ class TransformersBackend:
         return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = self.tokenizer(
+            texts, return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens
+        )
         return {k: v.to(self.model.device) for k, v in encoded.items()}
 
     @torch.inference_mode()

@@ -74,6 +74,15 @@ def render_prompt(template: Template, instruction: str, input: str, tokenizer) -
     return alpaca.format(instruction=instruction, input=input)
 
 
+def adds_special_tokens(template: Template) -> bool:
+    """Whether the prompt is tokenized with the tokenizer's special tokens, as trl does.
+
+    trl's SFTTrainer tokenizes an Alpaca (plain-text) prompt with them (a BOS for Llama and
+    Mistral), and a chat prompt without them (the chat template already holds them).
+    """
+    return template != "chat"
+
+
 def record_template(adapter_dir: Path, template: Template) -> None:
     """Record the template with the adapter, so whoever loads it asks in the same format."""
     (adapter_dir / TEMPLATE_FILE).write_text(json.dumps({"template": template}) + "\n")

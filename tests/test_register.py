@@ -292,6 +292,19 @@ def test_stage_evaluate_marks_the_registered_version_challenger(
     key_suffix = f"{run_id}/artifacts/candidate/evaluation.json"
     assert any(k.endswith(key_suffix) for k in bucket_keys(s3_server, mlflow_s3_server[1]))
 
+    # The run's baseline: its version gets its own scores and the baseline alias, and the
+    # challenger names it for the gate.
+    base = register_folder(registry, model_name, tiny_causal_lm_dir)
+    linked = [*common, "--out", str(tmp_path / "pair"), "--version", version]
+    assert run_cli(monkeypatch, *linked, "--baseline-version", base) == 2  # needs --baseline
+    linked += ["--baseline", str(tiny_causal_lm_dir), "--baseline-version", base]
+    assert run_cli(monkeypatch, *linked) == 0
+    assert registry.get_model_version_by_alias(model_name, "baseline").version == base
+    challenger = registry.get_model_version(model_name, version)
+    assert challenger.tags["refine_af.eval.baseline_version"] == base
+    baseline_tags = registry.get_model_version(model_name, base).tags
+    assert baseline_tags["refine_af.eval.run_id"] == challenger.tags["refine_af.eval.run_id"]
+
 
 def test_bad_registry_input_exits_2_and_writes_nothing(
     registry: mlflow.MlflowClient,

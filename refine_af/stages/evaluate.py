@@ -128,7 +128,12 @@ def evaluate_model(
     )
     template = templates.recorded_template(models.resolve(reference))
     prompts, chat = prompts_for(instances, config, template, tokenizer)
-    backend = TransformersBackend(tokenizer, model, batch_size=config.stage5.batch_size)
+    backend = TransformersBackend(
+        tokenizer,
+        model,
+        batch_size=config.stage5.batch_size,
+        add_special_tokens=template is not None and templates.adds_special_tokens(template),
+    )
     completions = generate(backend, prompts, config, chat, on_batch)
     predictions = [completion.text.strip() for completion in completions]
     scores = [
