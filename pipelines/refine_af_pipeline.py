@@ -90,9 +90,10 @@ def write_instances(run, pool, indices, shards, policy=None):
     return merged
 
 
-def fine_tune(run, parent, dataset, register: bool, gpus):
+def fine_tune(run, parent, dataset, gpus):
+    """Stage 4, registered: the RL model and the baseline are both versions the gate reads."""
     task = sft(
-        **run, parent_run_id=parent, register=register, processes=processes(gpus), dataset=dataset
+        **run, parent_run_id=parent, register=True, processes=processes(gpus), dataset=dataset
     )
     return on_gpu(on_cluster(task, "train", cache=False), gpus)
 
@@ -150,15 +151,12 @@ def refine_af_dag(
     on_gpu(on_cluster(stage2, "train", cache=False), gpus)
 
     rl_data = write_instances(run, pool, fan_out.output, shards, policy=stage2.outputs["policy"])
-    rl_model = fine_tune(run, parent, rl_data.outputs["dataset"], register=True, gpus=gpus)
+    rl_model = fine_tune(run, parent, rl_data.outputs["dataset"], gpus=gpus)
     version = rl_model.outputs["Output"]
 
     with dsl.If(run_baseline == True):  # noqa: E712 - a KFP condition, not a Python test
         base_data = write_instances(run, pool, fan_out.output, shards)
-        # the baseline is registered too (policy base, alias baseline): the gate reads it
-        base_model_task = fine_tune(
-            run, parent, base_data.outputs["dataset"], register=True, gpus=gpus
-        )
+        base_model_task = fine_tune(run, parent, base_data.outputs["dataset"], gpus=gpus)
         compared = compare(
             run, parent, rl_model.outputs["model"], version,
             base_model_task.outputs["model"], base_model_task.outputs["Output"],
