@@ -127,10 +127,8 @@ def start_http_server(tmp_path: Path) -> Iterator[Callable[..., str]]:
         yield start
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` (sqlite backend, proxied artifacts); yields its URL."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start a real ``mlflow server`` (sqlite backend, proxied artifacts) in ``root``."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = root / "server.log"
@@ -150,9 +148,42 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
     try:
         _wait_healthy(url, process, log)
+    except BaseException:
+        _stop_group(process)
+        raise
+    return url, process
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` shared by the session; yields its URL."""
+    url, process = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    try:
         yield url
     finally:
         _stop_group(process)
+
+
+@pytest.fixture
+def doomed_mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A server of its own for one test, which the test may kill; yields (url, stop)."""
+    url, process = start_mlflow_server(tmp_path_factory.mktemp("doomed-mlflow"))
+    try:
+        yield url, lambda: _stop_group(process)
+    finally:
+        _stop_group(process)
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """A loopback port that accepts connections and never answers; yields its URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # the kernel completes handshakes; nobody ever reads or writes
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
 
 
 # --- models --------------------------------------------------------------------------------

@@ -1,14 +1,19 @@
 """The ``refine-af`` command line: run a stage, inspect the configuration.
 
 Bad input (a missing file, a malformed record, an unknown config key or model) ends with
-exit code 2 and one message naming what to fix, before any output is written.
+exit code 2 and one message naming what to fix, before any output is written; a failed
+environment (a server that does not answer, a full disk) with exit code 1 and one line.
+``--debug`` shows the traceback as well. Every stage holds its output folder's lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,10 +21,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from refine_af import __version__
 from refine_af.config import RunConfig, load_config, preset_names
-from refine_af.errors import InputError, TrackingUnavailable
+from refine_af.errors import InputError, StorageUnavailable, TrackingUnavailable
 
 if TYPE_CHECKING:
     from refine_af.stages.evaluate import EvaluateOutcome
@@ -62,8 +68,27 @@ WorkspaceOption = Annotated[
 ]
 
 
+_debug = False
+
+
 def _config(source: str, overrides: list[str] | None) -> RunConfig:
     return load_config(source, overrides or [])
+
+
+@contextlib.contextmanager
+def _locked(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir``'s lock: a second run on the same folder stops with exit 2."""
+    from refine_af import locking
+
+    if str(out_dir).startswith("s3:"):
+        raise InputError(
+            f"--out {out_dir}: output folders are local (the pipeline uploads them); "
+            "give a local path"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir}: is a file, not a folder")
+    with locking.output_lock(out_dir, warn=lambda message: err.print(f"[yellow]{message}[/]")):
+        yield
 
 
 def _version(value: bool) -> None:
@@ -77,8 +102,14 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="print version")
     ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="show the traceback of an error", envvar="REFINE_AF_DEBUG"),
+    ] = False,
 ) -> None:
     """REFINE-AF command line."""
+    global _debug
+    _debug = debug
 
 
 @config_app.command("show")
@@ -102,8 +133,12 @@ def stage_instructions(
     config: ConfigOption = "local-cpu",
     overrides: SetOption = None,
     seed_tasks: Annotated[
-        Path | None, typer.Option(help="seed task JSONL (default: the bundled 175)")
+        str | None, typer.Option(help="seed task JSONL, path or s3:// (default: the bundled 175)")
     ] = None,
+    force_resume: Annotated[
+        bool,
+        typer.Option(help="continue a run in --out even if its pool came from other settings"),
+    ] = False,
     workspace: WorkspaceOption = Path("workspace"),
 ) -> None:
     """Stage 1: bootstrap new instructions from the seed tasks (Self-Instruct).
@@ -117,14 +152,18 @@ def stage_instructions(
     extra = [f"stage1.seed_tasks={seed_tasks}"] if seed_tasks else []
     run_config = _config(config, [*(overrides or []), *extra])
     target = run_config.stage1.num_instructions
-    with Progress(
-        TextColumn("[bold]instructions"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("round {task.fields[round]} · {task.fields[rate]} kept"),
-        TimeElapsedColumn(),
-        console=err,
-    ) as progress:
+    instructions.check(run_config, out_dir, workspace, force_resume=force_resume)
+    with (
+        _locked(out_dir),
+        Progress(
+            TextColumn("[bold]instructions"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("round {task.fields[round]} · {task.fields[rate]} kept"),
+            TimeElapsedColumn(),
+            console=err,
+        ) as progress,
+    ):
         task = progress.add_task("bootstrap", total=target, round=0, rate="-")
 
         def show(state: instructions.Bootstrap) -> None:
@@ -132,7 +171,9 @@ def stage_instructions(
             rate = f"{counts['accepted'] / max(counts['candidates'], 1):.0%}"
             progress.update(task, completed=counts["accepted"], round=state.rounds, rate=rate)
 
-        result = instructions.execute(run_config, out_dir, workspace=workspace, on_round=show)
+        result = instructions.execute(
+            run_config, out_dir, workspace=workspace, on_round=show, force_resume=force_resume
+        )
     out.print(_summary_table(result.summary))
     if not result.summary["reached_target"]:
         err.print(
@@ -162,7 +203,7 @@ def _summary_table(summary: dict) -> Table:
 @stage_app.command("rlaf")
 def stage_rlaf(
     instructions: Annotated[
-        Path, typer.Option("--instructions", "-i", help="stage 1's instructions.jsonl")
+        str, typer.Option("--instructions", "-i", help="stage 1's instructions.jsonl (or s3://)")
     ],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder (resumable)")],
     config: ConfigOption = "local-cpu",
@@ -183,15 +224,18 @@ def stage_rlaf(
     run_config = _config(config, overrides)
     rlaf.load_instructions(instructions, run_config.stage2)  # bad input stops before models load
     err.print(f"loading scorers and policy [bold]{run_config.model.base}[/] …")
-    with Progress(
-        TextColumn("[bold]rlaf"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("reward {task.fields[reward]}"),
-        TimeElapsedColumn(),
-        console=err,
-        disable=not PartialState().is_main_process,
-    ) as progress:
+    with (
+        _locked(out_dir),
+        Progress(
+            TextColumn("[bold]rlaf"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("reward {task.fields[reward]}"),
+            TimeElapsedColumn(),
+            console=err,
+            disable=not PartialState().is_main_process,
+        ) as progress,
+    ):
         task = progress.add_task("rlaf", total=run_config.stage2.max_steps, reward="-")
 
         def show(step: int, total: int, metrics: dict[str, float]) -> None:
@@ -226,7 +270,7 @@ def _rlaf_table(summary: dict, out_dir: Path) -> Table:
 @stage_app.command("instances")
 def stage_instances(
     instructions: Annotated[
-        Path, typer.Option("--instructions", "-i", help="stage 1's instructions.jsonl")
+        str, typer.Option("--instructions", "-i", help="stage 1's instructions.jsonl (or s3://)")
     ],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
     adapter: Annotated[
@@ -255,14 +299,17 @@ def stage_instances(
     blocks = instances.assigned_blocks(
         instances.load_instructions(instructions, run_config), run_config, part
     )
-    with Progress(
-        TextColumn("[bold]instances"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("instructions · {task.fields[kept]} kept"),
-        TimeElapsedColumn(),
-        console=err,
-    ) as progress:
+    with (
+        _locked(out_dir),
+        Progress(
+            TextColumn("[bold]instances"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("instructions · {task.fields[kept]} kept"),
+            TimeElapsedColumn(),
+            console=err,
+        ) as progress,
+    ):
         task = progress.add_task("instances", total=sum(map(len, blocks)), kept=0)
 
         def show(done: int, total: int, so_far: instances.Part) -> None:
@@ -296,7 +343,8 @@ def stage_merge(
     """
     from refine_af.stages import instances
 
-    result = instances.merge(shards, out_dir, workspace=workspace)
+    with _locked(out_dir):
+        result = instances.merge(shards, out_dir, workspace=workspace)
     out.print(_instances_table(result.summary, None))
 
 
@@ -321,7 +369,9 @@ def _instances_table(summary: dict, shard) -> Table:
 
 @stage_app.command("sft")
 def stage_sft(
-    examples: Annotated[Path, typer.Option("--examples", "-e", help="stage 3's examples.jsonl")],
+    examples: Annotated[
+        str, typer.Option("--examples", "-e", help="stage 3's examples.jsonl (or s3://)")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
     config: ConfigOption = "local-cpu",
     overrides: SetOption = None,
@@ -341,15 +391,18 @@ def stage_sft(
     run_config = _config(config, overrides)
     sft.prepare(run_config, examples)  # bad input stops before the model loads
     err.print(f"loading [bold]{run_config.model.base}[/] …")
-    with Progress(
-        TextColumn("[bold]sft"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        console=err,
-        disable=not PartialState().is_main_process,
-    ) as progress:
+    with (
+        _locked(out_dir),
+        Progress(
+            TextColumn("[bold]sft"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=err,
+            disable=not PartialState().is_main_process,
+        ) as progress,
+    ):
         task = progress.add_task("sft", total=None, loss="-")
 
         def show(step: int, total: int, metrics: dict[str, float]) -> None:
@@ -449,13 +502,16 @@ def stage_evaluate(
         registry = tracking.connect(workspace)
         for number in filter(None, (version, baseline_version)):
             register.require_version(registry, run_config.stage6.model_name, number)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-    ) as progress:
+    with (
+        _locked(out_dir),
+        Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+        ) as progress,
+    ):
         bars: dict[str, int] = {}
 
         def start(subject: str, total: int) -> None:
@@ -824,14 +880,44 @@ def _submit_and_wait(
         raise submission.SubmitFailed(f"run {finished.state}: {url}; failed step: {steps}")
 
 
+def _one_line(error: BaseException) -> tuple[int, str]:
+    """Exit code and message: 2 when the input is at fault, 1 when the environment is."""
+    if isinstance(error, InputError):
+        return 2, str(error)
+    if isinstance(error, TrackingUnavailable | StorageUnavailable):
+        return 1, str(error)
+    if isinstance(error, OSError):
+        where = error.filename or ""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return 1, f"no space left on the device writing {where}; free some and re-run"
+        if isinstance(error, IsADirectoryError):
+            return 2, f"{where}: is a folder; expected a file"
+        if isinstance(error, NotADirectoryError):
+            return 2, f"{where}: a part of this path is a file, not a folder"
+        if isinstance(error, FileNotFoundError):
+            return 2, f"{where or error}: not found"
+        if isinstance(error, PermissionError):
+            return 2, f"{where}: permission denied"
+        if isinstance(error, ConnectionError | TimeoutError):
+            return 1, f"connection failed: {error}"
+    text = str(error).strip().splitlines()
+    return 1, f"{type(error).__name__}: {text[0] if text else ''} (--debug shows the traceback)"
+
+
 def main() -> None:
-    """Entry point: map bad input to exit code 2 with a one-line message."""
+    """Entry point: map every error to its exit code and a one-line message."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app()
-    except (InputError, TrackingUnavailable) as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    except Exception as error:
+        if _debug:
+            err.print_exception()
+        code, message = _one_line(error)
+        err.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import string
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -22,10 +24,32 @@ from refine_af.errors import InputError
 PRESETS_DIR = resources.files("refine_af").joinpath("presets")
 
 
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are validated on set."""
+def _numeric_only(annotation: Any) -> bool:
+    """True when a field takes numbers but not booleans (``int``, ``float | None``…)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        return bool not in options and any(_numeric_only(option) for option in options)
+    return annotation in (int, float)
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on set.
+
+    Infinity and NaN are no setting's meaningful value, and ``true`` is not the number 1
+    (pydantic's lax mode would take both), so both are refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field and _numeric_only(field.annotation):
+                    raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
+        return data
 
 
 class ModelSettings(Section):
@@ -380,10 +404,30 @@ class RegistrySettings(Section):
     )
 
 
+class InputLimits(Section):
+    """Longest text accepted in input records, checked when a stage reads them.
+
+    An instruction of 200k words would otherwise reach a prompt and allocate tens of GB
+    before anything says it is wrong.
+    """
+
+    max_instruction_chars: int = Field(5000, ge=1)
+    max_input_chars: int = Field(20000, ge=1)
+    max_output_chars: int = Field(20000, ge=1)
+
+    def by_field(self) -> dict[str, tuple[int, str]]:
+        """Record field → (limit, setting), the form ``records.read_records`` takes."""
+        return {
+            field: (getattr(self, f"max_{field}_chars"), f"limits.max_{field}_chars")
+            for field in ("instruction", "input", "output")
+        }
+
+
 class RunConfig(Section):
     """The whole run: one section per concern, one per stage."""
 
     name: str = "refine-af"
+    limits: InputLimits = InputLimits()
     model: ModelSettings = ModelSettings()
     generation: GenerationSettings = GenerationSettings()
     stage1: InstructionsSettings = InstructionsSettings()
@@ -411,6 +455,23 @@ def preset_names() -> list[str]:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error, not "last wins"."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} repeats the key of line {seen[key]}",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
     """Read a preset by name, a YAML file by path, or YAML text (a pipeline parameter).
 
@@ -420,9 +481,14 @@ def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
     if "\n" in source:
         text, origin = source, "inline config"
     elif path.suffix in {".yaml", ".yml"} or path.exists():
+        if path.is_dir():
+            raise InputError(f"{source}: is a folder; expected a YAML config file")
         if not path.is_file():
             raise InputError(f"{source}: config file not found")
-        text, origin = path.read_text(), str(path)
+        try:
+            text, origin = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as err:
+            raise InputError(f"{source}: not UTF-8 text ({err.reason}); save it as UTF-8") from err
     elif source in preset_names():
         text = PRESETS_DIR.joinpath(f"{source}.yaml").read_text()
         origin = f"preset {source}"
@@ -431,7 +497,7 @@ def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
             f"unknown preset or config file {source!r}; presets: {', '.join(preset_names())}"
         )
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # a SafeLoader subclass
     except yaml.YAMLError as err:
         raise InputError(f"{origin}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -464,14 +530,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _validation_message(err: ValidationError, origin: str) -> str:
+def _blame(location: tuple[Any, ...], overrides: list[str], origin: str) -> str:
+    """The ``--set`` that set the value at ``location``, else the file it came from."""
+    for override in reversed(overrides):  # the last override of a key wins
+        path = tuple(parse_override(override)[0])
+        shared = min(len(path), len(location))
+        if tuple(str(part) for part in location[:shared]) == path[:shared]:
+            return f"--set {override}"
+    return origin
+
+
+def _validation_message(err: ValidationError, origin: str, overrides: list[str]) -> str:
     lines = []
     for problem in err.errors():
         where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        culprit = _blame(problem["loc"], overrides, origin)
         if problem["type"] == "extra_forbidden":
-            lines.append(f"{origin}: unknown config key {where}")
+            lines.append(f"{culprit}: unknown config key {where}")
         else:
-            lines.append(f"{origin}: {where}: {problem['msg']}")
+            lines.append(f"{culprit}: {where}: {problem['msg']}")
     return "\n".join(lines)
 
 
@@ -484,8 +561,9 @@ def load_config(
     """
     data, origin = _read_yaml(source)
     extra = [f"model.base={base_model}"] if base_model else []
-    data = apply_overrides(data, [*(overrides or []), *extra])
+    every_override = [*(overrides or []), *extra]
+    data = apply_overrides(data, every_override)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise InputError(_validation_message(err, origin)) from err
+        raise InputError(_validation_message(err, origin, every_override)) from err

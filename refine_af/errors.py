@@ -1,4 +1,8 @@
-"""Errors the CLI turns into exit code 2 with a message that names what to fix."""
+"""Errors the CLI turns into an exit code and one line that names what to fix.
+
+Bad input (the user can fix it: a path, a record, a key, a credential) exits 2; a failed
+environment (a server or disk that is down or full) exits 1.
+"""
 
 
 class InputError(Exception):
@@ -8,5 +12,13 @@ class InputError(Exception):
     """
 
 
+class InvalidURI(InputError, ValueError):
+    """A malformed ``s3://`` URI (also a ValueError, as the argument is one)."""
+
+
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking store cannot be reached; the message names its URI."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The S3 endpoint cannot be reached or times out; the message names it and the URI."""

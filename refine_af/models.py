@@ -94,16 +94,16 @@ def _materialise_s3(uri: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     build_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
-    try:
-        storage.download_dir(uri, build_dir / "m")
-    except FileNotFoundError as err:
+    try:  # removed however the download ends: a failed mirror leaves nothing in the cache
+        try:
+            storage.download_dir(uri, build_dir / "m")
+        except FileNotFoundError as err:
+            raise InputError(f"model {uri!r}: nothing found at that S3 prefix") from err
+        if not any((build_dir / "m").iterdir()):
+            raise InputError(f"model {uri!r}: the S3 prefix is empty")
+        _publish(build_dir / "m", target)
+    finally:
         shutil.rmtree(build_dir, ignore_errors=True)
-        raise InputError(f"model {uri!r}: nothing found at that S3 prefix") from err
-    if not any((build_dir / "m").iterdir()):
-        shutil.rmtree(build_dir, ignore_errors=True)
-        raise InputError(f"model {uri!r}: the S3 prefix is empty")
-    _publish(build_dir / "m", target)
-    shutil.rmtree(build_dir, ignore_errors=True)
     return target
 
 

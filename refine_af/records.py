@@ -10,9 +10,9 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from refine_af import storage
 from refine_af.errors import InputError
@@ -22,6 +22,14 @@ class Record(BaseModel):
     """Base of every record: extra fields are kept out, missing fields are errors."""
 
     model_config = ConfigDict(extra="ignore")
+    # Records whose ``id`` names them across a file: a repeated id is an input error.
+    unique_ids: ClassVar[bool] = False
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must contain text, not only whitespace")
+    return text
 
 
 class SeedInstance(Record):
@@ -32,16 +40,20 @@ class SeedInstance(Record):
 class SeedTask(Record):
     """A human-written task in Self-Instruct's seed format."""
 
+    unique_ids: ClassVar[bool] = True
     id: str
     name: str
     instruction: str = Field(min_length=1)
     instances: list[SeedInstance] = Field(min_length=1)
     is_classification: bool
 
+    _instruction_not_blank = field_validator("instruction")(_not_blank)
+
 
 class InstructionRecord(Record):
     """An instruction of the pool: a seed, or one the model wrote and the filters kept."""
 
+    unique_ids: ClassVar[bool] = True
     id: str
     instruction: str = Field(min_length=1)
     is_classification: bool
@@ -49,10 +61,13 @@ class InstructionRecord(Record):
     most_similar: dict[str, float] = {}
     avg_similarity_score: float | None = None
 
+    _instruction_not_blank = field_validator("instruction")(_not_blank)
+
 
 class ExampleRecord(Record):
     """An (instruction, input, output) triplet with its automated-feedback scores."""
 
+    unique_ids: ClassVar[bool] = True
     id: str
     instruction_id: str
     instruction: str
@@ -74,10 +89,50 @@ def _field_error(path: str, lineno: int, err: ValidationError) -> InputError:
     return InputError(f"{path}:{lineno}: " + "; ".join(problems))
 
 
-def parse_jsonl(text: str, model: type[RecordT], path: str) -> list[RecordT]:
-    """Validate every non-blank line; the first bad one stops with file:line and field."""
+# Field name → (most characters, the config key that sets it), for ``parse_jsonl``.
+LengthLimits = Mapping[str, tuple[int, str]]
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of JSONL text, split on ``\\n`` only.
+
+    ``str.splitlines`` also splits on U+2028, U+2029, U+0085 and other characters that
+    ``json.dumps(..., ensure_ascii=False)`` writes raw inside strings, so it would cut a
+    valid record in two.
+    """
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def _oversized(value: Any, limits: LengthLimits, where: str = "") -> str | None:
+    """The first field (dotted path) longer than its limit, with the limit, or None."""
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        path = f"{where}{key}"
+        if isinstance(item, str) and key in limits and len(item) > limits[key][0]:
+            limit, setting = limits[key]
+            return f"field '{path}' has {len(item)} characters; the limit is {limit} ({setting})"
+        if (problem := _oversized(item, limits, f"{path}.")) is not None:
+            return problem
+    return None
+
+
+def parse_jsonl(
+    text: str, model: type[RecordT], path: str, limits: LengthLimits | None = None
+) -> list[RecordT]:
+    """Validate every non-blank line; the first bad one stops with file:line and field.
+
+    Bad means: not a JSON object, a missing or mistyped field, a field longer than its
+    entry in ``limits``, or (for records with ``unique_ids``) an id already seen.
+    """
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    first_line_of: dict[str, int] = {}
+    for lineno, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -86,23 +141,42 @@ def parse_jsonl(text: str, model: type[RecordT], path: str) -> list[RecordT]:
             raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
         if not isinstance(obj, dict):
             raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        if limits and (problem := _oversized(obj, limits)) is not None:
+            raise InputError(f"{path}:{lineno}: {problem}")
         try:
-            records.append(model.model_validate(obj))
+            record = model.model_validate(obj)
         except ValidationError as err:
             raise _field_error(path, lineno, err) from err
+        if model.unique_ids:
+            record_id = record.id  # type: ignore[attr-defined]
+            if record_id in first_line_of:
+                raise InputError(
+                    f"{path}:{lineno}: field 'id': {record_id!r} repeats the id of line "
+                    f"{first_line_of[record_id]}; ids must be unique"
+                )
+            first_line_of[record_id] = lineno
+        records.append(record)
     return records
 
 
-def read_records(path: str | os.PathLike[str], model: type[RecordT]) -> list[RecordT]:
-    """Read a JSONL file (local path or s3:// URI) of ``model`` records."""
+def read_records(
+    path: str | os.PathLike[str], model: type[RecordT], limits: LengthLimits | None = None
+) -> list[RecordT]:
+    """Read a JSONL file (local path or s3:// URI) of ``model`` records (see ``parse_jsonl``)."""
     uri = str(path)
     try:
         text = storage.read_text(uri)
     except FileNotFoundError as err:
         raise InputError(f"{uri}: file not found") from err
+    except IsADirectoryError as err:
+        raise InputError(f"{uri}: is a folder; expected a JSONL file") from err
+    except NotADirectoryError as err:
+        raise InputError(f"{uri}: a part of this path is a file, not a folder") from err
+    except PermissionError as err:
+        raise InputError(f"{uri}: permission denied") from err
     except UnicodeDecodeError as err:
         raise InputError(f"{uri}: not UTF-8 text ({err.reason})") from err
-    return parse_jsonl(text, model, uri)
+    return parse_jsonl(text, model, uri, limits)
 
 
 def _as_json(row: BaseModel | Mapping[str, Any]) -> str:

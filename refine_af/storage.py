@@ -18,14 +18,37 @@ from pathlib import Path
 import boto3
 from botocore.client import BaseClient
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+
+from refine_af.errors import InputError, InvalidURI, StorageUnavailable
 
 S3_SCHEME = "s3://"
 # botocore's "standard" retry mode: exponential backoff with jitter on throttling,
 # 5xx and connection errors, which MinIO under load does return. Counts the first try.
-S3_MAX_ATTEMPTS = 5
+# With the timeouts below, a silent endpoint fails one call in under a minute, not 5 × 60 s.
+S3_MAX_ATTEMPTS = int(os.environ.get("REFINE_AF_S3_MAX_ATTEMPTS", "3"))
+S3_CONNECT_TIMEOUT_S = float(os.environ.get("REFINE_AF_S3_CONNECT_TIMEOUT", "5"))
+S3_READ_TIMEOUT_S = float(os.environ.get("REFINE_AF_S3_READ_TIMEOUT", "15"))
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
+_CREDENTIAL_CODES = frozenset(
+    {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+     "ExpiredToken", "Forbidden"}
+)  # fmt: skip
+_UNREACHABLE = (
+    EndpointConnectionError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+    ConnectionClosedError,
+)
 
 
 def is_s3(uri: str | os.PathLike[str]) -> bool:
@@ -40,10 +63,10 @@ def split_s3(uri: str) -> tuple[str, str]:
     message instead of as an opaque botocore error later.
     """
     if not is_s3(uri):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
+        raise InvalidURI(f"not an s3:// URI: {uri!r}")
     bucket, _, key = uri.removeprefix(S3_SCHEME).partition("/")
     if not _BUCKET_NAME.fullmatch(bucket):
-        raise ValueError(f"malformed S3 URI {uri!r}: {bucket!r} is not a valid bucket name")
+        raise InvalidURI(f"malformed S3 URI {uri!r}: {bucket!r} is not a valid bucket name")
     return bucket, key
 
 
@@ -62,27 +85,51 @@ def _client_for(endpoint: str | None) -> BaseClient:
     # A custom endpoint (MinIO) has no wildcard DNS for bucket.host, hence path-style.
     config = Config(
         retries={"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        read_timeout=S3_READ_TIMEOUT_S,
         s3={"addressing_style": "path"} if endpoint else None,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
 
 
+def _endpoint() -> str:
+    return os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
 @contextlib.contextmanager
-def _s3_missing_as_file_not_found(uri: str) -> Iterator[None]:
-    """Turn S3's "no such key/bucket" into FileNotFoundError, as a local path would raise."""
+def _s3_errors(uri: str) -> Iterator[None]:
+    """Name the URI in S3 failures: "no such key/bucket" becomes FileNotFoundError (as a
+    local path would raise), refused or missing credentials an InputError, an endpoint that
+    does not answer StorageUnavailable."""
     try:
         yield
     except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in _MISSING_CODES:
+        code = error.response.get("Error", {}).get("Code")
+        if code in _MISSING_CODES:
             raise FileNotFoundError(f"no such S3 object or bucket: {uri}") from error
+        if code in _CREDENTIAL_CODES:
+            raise InputError(
+                f"{uri}: S3 at {_endpoint()} refused the request ({code}); check "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions"
+            ) from error
         raise
+    except (NoCredentialsError, PartialCredentialsError) as error:
+        raise InputError(
+            f"{uri}: no S3 credentials ({error}); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        ) from error
+    except _UNREACHABLE as error:
+        raise StorageUnavailable(
+            f"S3 endpoint {_endpoint()} did not answer for {uri} after {S3_MAX_ATTEMPTS} "
+            f"attempts ({error}); check S3_ENDPOINT_URL and that the server is up"
+        ) from error
 
 
 def _s3_object(uri: str) -> tuple[str, str]:
     """``split_s3`` for calls that need an object, not a bucket or prefix."""
     bucket, key = split_s3(uri)
     if not key or key.endswith("/"):
-        raise ValueError(f"S3 URI {uri!r} names a bucket or prefix, not an object")
+        raise InvalidURI(f"S3 URI {uri!r} names a bucket or prefix, not an object")
     return bucket, key
 
 
@@ -128,7 +175,7 @@ def read_bytes(uri: str | os.PathLike[str]) -> bytes:
     if not is_s3(uri):
         return Path(uri).read_bytes()
     bucket, key = _s3_object(str(uri))
-    with _s3_missing_as_file_not_found(str(uri)):
+    with _s3_errors(str(uri)):
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
@@ -145,7 +192,7 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
     """
     if is_s3(uri):
         bucket, key = _s3_object(str(uri))
-        with _s3_missing_as_file_not_found(str(uri)):
+        with _s3_errors(str(uri)):
             s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
     with atomic_path(uri) as temporary:
@@ -163,11 +210,10 @@ def exists(uri: str | os.PathLike[str]) -> bool:
         return Path(uri).exists()
     bucket, key = _s3_object(str(uri))
     try:
-        s3_client().head_object(Bucket=bucket, Key=key)
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in _MISSING_CODES:
-            return False
-        raise
+        with _s3_errors(str(uri)):
+            s3_client().head_object(Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        return False
     return True
 
 
@@ -179,7 +225,7 @@ def _s3_folder_prefix(key: str) -> str:
 def _s3_keys(bucket: str, prefix: str, uri: str) -> Iterator[str]:
     """Every object key under ``prefix`` (the paginator follows continuation tokens)."""
     paginator = s3_client().get_paginator("list_objects_v2")
-    with _s3_missing_as_file_not_found(uri):
+    with _s3_errors(uri):
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             for entry in page.get("Contents", []):
                 if not entry["Key"].endswith("/"):  # skip folder markers some tools write
@@ -217,7 +263,8 @@ def upload_dir(local_dir: str | os.PathLike[str], s3_uri: str) -> list[str]:
     uploaded = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         object_key = prefix + path.relative_to(root).as_posix()
-        s3_client().upload_file(str(path), bucket, object_key)
+        with _s3_errors(f"{S3_SCHEME}{bucket}/{object_key}"):
+            s3_client().upload_file(str(path), bucket, object_key)
         uploaded.append(f"{S3_SCHEME}{bucket}/{object_key}")
     return uploaded
 
@@ -251,7 +298,7 @@ def download_dir(s3_uri: str, local_dir: str | os.PathLike[str]) -> Path:
         for object_key in keys:
             target = _local_target(temporary, object_key.removeprefix(prefix), s3_uri)
             target.parent.mkdir(parents=True, exist_ok=True)
-            with _s3_missing_as_file_not_found(f"{S3_SCHEME}{bucket}/{object_key}"):
+            with _s3_errors(f"{S3_SCHEME}{bucket}/{object_key}"):
                 s3_client().download_file(bucket, object_key, str(target))
         try:
             temporary.rename(destination)
@@ -270,15 +317,16 @@ def copy(src_uri: str | os.PathLike[str], dst_uri: str | os.PathLike[str]) -> No
         bucket, key = _s3_object(dst)
         if is_s3(src):
             src_bucket, src_key = _s3_object(src)
-            with _s3_missing_as_file_not_found(src):
+            with _s3_errors(src):
                 s3_client().copy({"Bucket": src_bucket, "Key": src_key}, bucket, key)
         else:
-            s3_client().upload_file(src, bucket, key)
+            with _s3_errors(dst):
+                s3_client().upload_file(src, bucket, key)
         return
     with atomic_path(dst) as temporary:
         if is_s3(src):
             src_bucket, src_key = _s3_object(src)
-            with _s3_missing_as_file_not_found(src):
+            with _s3_errors(src):
                 s3_client().download_file(src_bucket, src_key, str(temporary))
         else:
             shutil.copyfile(src, temporary)

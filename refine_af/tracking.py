@@ -1,17 +1,26 @@
-"""MLflow helpers: one run per stage, flattened config as params, fail fast if unreachable.
+"""MLflow helpers: one run per stage, flattened config as params, bounded waits.
 
 Stages use mlflow's fluent API inside ``stage_run`` so that libraries which log to the
 active run (transformers' MLflowCallback under trl) land in the stage's run too.
+
+Every wait on the tracking server is bounded by MLflow's own settings, given shorter
+defaults here (``WAIT_DEFAULTS``; set the variables to change them). A server lost
+mid-stage does not stop the stage: logging stops with one warning, the stage finishes its
+outputs, and the stage then fails with ``TrackingUnavailable`` naming the URI.
 """
 
 import contextlib
+import logging
 import os
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
+from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
@@ -27,27 +36,84 @@ DEFAULT_EXPERIMENT = "refine-af"
 # Probe with no retries and a short timeout: mlflow's defaults (7 retries with backoff,
 # 120 s timeout) would make a wrong URI look like a hung stage for minutes.
 PROBE_TIMEOUT_S = 5
+# MLflow's defaults (7 retries, backoff factor 2, 120 s per request) wait up to ~8 minutes
+# on a lost server before failing. These bound one call to ~35 s on a silent server and a
+# few seconds on a refused connection; an environment that sets the variables wins.
+WAIT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 TRUNCATION_MARK = "…[truncated]"
+STAGE_TAG = "refine_af.stage"
+OUT_DIR_TAG = "refine_af.out_dir"
+# What a lost server raises through mlflow's REST client.
+_LOST = (MlflowException, requests.exceptions.RequestException, OSError)
 
 
-@dataclass(frozen=True)
+def bound_waits() -> None:
+    """Apply ``WAIT_DEFAULTS`` to the variables the environment leaves unset."""
+    for name, value in WAIT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class _RetryNotice(logging.Handler):
+    """Say that MLflow is retrying: urllib3 logs each retry, otherwise silently waited out."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Retrying"):
+            _warn(f"tracking server not answering, retrying ({record.getMessage()[:160]})")
+
+
+_retry_notice = _RetryNotice(logging.WARNING)
+logging.getLogger("urllib3.connectionpool").addHandler(_retry_notice)
+
+
+@dataclass
 class StageRun:
-    """Handle on a stage's MLflow run; every call targets this run explicitly by id."""
+    """Handle on a stage's MLflow run; every call targets this run explicitly by id.
+
+    A call that fails because the server is gone disables the handle (one warning) instead
+    of stopping the stage; ``lost`` keeps the first error for ``stage_run`` to report.
+    """
 
     run_id: str
+    uri: str = ""
+    lost: BaseException | None = None
+
+    def _call(self, log: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self.lost is not None:
+            return
+        try:
+            log(*args, **kwargs)
+        except _LOST as error:
+            self.lost = error
+            _warn(
+                f"MLflow tracking at {self.uri} stopped answering ({_first_line(error)}); "
+                "the stage continues without tracking and will exit 1 when its outputs are written"
+            )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics(dict(metrics), step=step, run_id=self.run_id)
+        self._call(mlflow.log_metrics, dict(metrics), step=step, run_id=self.run_id)
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id)
+        self._call(mlflow.log_artifact, str(path), artifact_path=artifact_path, run_id=self.run_id)
 
     def log_dict(self, obj: dict[str, Any], name: str) -> None:
         """``name`` ends in .json or .yaml; mlflow picks the format from it."""
-        mlflow.log_dict(obj, name, run_id=self.run_id)
+        self._call(mlflow.log_dict, obj, name, run_id=self.run_id)
 
     def log_text(self, text: str, name: str) -> None:
-        mlflow.log_text(text, name, run_id=self.run_id)
+        self._call(mlflow.log_text, text, name, run_id=self.run_id)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
 
 
 def tracking_uri(workspace: Path) -> str:
@@ -123,11 +189,23 @@ def _require_reachable(client: mlflow.MlflowClient, uri: str) -> None:
     ):
         try:
             client.search_experiments(max_results=1)
-        except (MlflowException, OSError) as error:
+        except _LOST as error:
             raise TrackingUnavailable(
-                f"MLflow tracking at {uri} is unreachable ({error}); start the server or "
-                "set MLFLOW_TRACKING_URI to a reachable one"
+                f"MLflow tracking at {uri} is unreachable ({_first_line(error)}); start the "
+                "server or set MLFLOW_TRACKING_URI to a reachable one"
             ) from error
+
+
+@contextlib.contextmanager
+def _store_setup(uri: str, workspace: Path) -> Iterator[None]:
+    """Serialise the first use of a local sqlite store: two processes creating it at once
+    race on its schema migration (``duplicate column name``)."""
+    if not uri.startswith("sqlite:"):
+        yield
+        return
+    Path(workspace).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(Path(workspace) / ".mlflow.db.lock"), timeout=120):
+        yield
 
 
 def connect(workspace: Path) -> mlflow.MlflowClient:
@@ -135,12 +213,34 @@ def connect(workspace: Path) -> mlflow.MlflowClient:
 
     The registry is the tracking store unless ``MLFLOW_REGISTRY_URI`` says otherwise.
     """
+    bound_waits()
     uri = tracking_uri(workspace)
-    if uri.startswith("sqlite:"):
-        Path(workspace).mkdir(parents=True, exist_ok=True)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    _require_reachable(client, uri)
+    with _store_setup(uri, workspace):
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        _require_reachable(client, uri)
     return client
+
+
+def _end_abandoned_runs(
+    client: mlflow.MlflowClient, experiment_id: str, stage_name: str, out_dir: str
+) -> None:
+    """Mark KILLED the runs of this stage and output folder still RUNNING.
+
+    The caller holds the folder's lock, so a run still RUNNING there was killed before it
+    could end itself.
+    """
+    current = os.environ.get("MLFLOW_RUN_ID")
+    escaped = out_dir.replace("'", "\\'")
+    abandoned = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{OUT_DIR_TAG}` = '{escaped}' and tags.`{STAGE_TAG}` = "
+        f"'{stage_name}' and attributes.status = 'RUNNING'",
+    )
+    for run in abandoned:
+        if run.info.run_id != current:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            _warn(f"MLflow run {run.info.run_id} of an earlier {stage_name} run in {out_dir} "
+                  "never ended (killed?); marked KILLED")  # fmt: skip
 
 
 def _experiment_id(client: mlflow.MlflowClient, name: str, artifact_root: str | None) -> str:
@@ -174,6 +274,7 @@ def stage_run(
     experiment: str = DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
 ) -> Iterator[StageRun]:
     """Run the block inside an MLflow run named after the stage; yield a ``StageRun``.
 
@@ -183,35 +284,64 @@ def stage_run(
     active run it nests under that one. ``params`` are logged flattened. The run ends
     FINISHED, or FAILED if the block raises. Without ``parent_run_id``, the pipeline's run
     in ``REFINE_AF_PARENT_RUN_ID`` (set by the components) is the parent. Raises
-    ``TrackingUnavailable`` before starting if the store cannot be reached. Under KFP's
-    MLflow plugin, which creates a nested run per task and injects ``MLFLOW_RUN_ID``, the
-    stage logs into that run.
+    ``TrackingUnavailable`` before starting if the store cannot be reached, and after the
+    block if it was lost on the way. Under KFP's MLflow plugin, which creates a nested run
+    per task and injects ``MLFLOW_RUN_ID``, the stage logs into that run. With ``out_dir``
+    (a folder the caller holds the lock of) the run is tagged with it, and runs of the same
+    stage and folder left RUNNING by a killed process are marked KILLED.
     """
+    bound_waits()
     uri = tracking_uri(workspace)
-    if uri.startswith("sqlite:"):
-        Path(workspace).mkdir(parents=True, exist_ok=True)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    _require_reachable(client, uri)
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
+    folder = str(Path(out_dir).resolve()) if out_dir is not None else None
+    with _store_setup(uri, workspace):
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        _require_reachable(client, uri)
+        experiment_id = _experiment_id(client, name, _artifact_root(uri, workspace, name))
     parent_run_id = (
         parent_run_id or os.environ.get(PARENT_RUN_ENV) or _pipeline_parent(client) or None
     )
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
-    experiment_id = _experiment_id(client, name, _artifact_root(uri, workspace, name))
-    with (
-        _using_tracking_uri(uri),
-        mlflow.start_run(
+    if folder is not None:
+        _end_abandoned_runs(client, experiment_id, stage_name, folder)
+    with _using_tracking_uri(uri):
+        run = mlflow.start_run(
             experiment_id=experiment_id,
             run_name=stage_name,
             nested=mlflow.active_run() is not None,
             parent_run_id=parent_run_id,
-        ) as run,
-    ):
-        # Set after the start: a run KFP's MLflow plugin created (MLFLOW_RUN_ID) is resumed
-        # as it is, and start_run ignores tags for a resumed run.
-        mlflow.set_tags({"refine_af.stage": stage_name, **(tags or {})})
-        if params:
-            mlflow.log_params(flatten(params), run_id=run.info.run_id)
-        yield StageRun(run.info.run_id)
+        )
+        handle = StageRun(run.info.run_id, uri)
+        status = "FAILED"
+        try:
+            # Set after the start: a run KFP's MLflow plugin created (MLFLOW_RUN_ID) is
+            # resumed as it is, and start_run ignores tags for a resumed run.
+            run_tags = {STAGE_TAG: stage_name, **(tags or {})}
+            if folder is not None:
+                run_tags[OUT_DIR_TAG] = folder
+            handle._call(mlflow.set_tags, run_tags)
+            if params:
+                handle._call(mlflow.log_params, flatten(params), run_id=run.info.run_id)
+            yield handle
+            status = "FINISHED"
+        finally:
+            _end_run(handle, status)
+    if handle.lost is not None:
+        raise TrackingUnavailable(
+            f"MLflow tracking at {uri} stopped answering during stage {stage_name} "
+            f"({_first_line(handle.lost)}); the stage's outputs are complete, its MLflow run "
+            f"{handle.run_id} is not"
+        )
+
+
+def _end_run(handle: StageRun, status: str) -> None:
+    """End the active run. ``mlflow.end_run`` takes it off the local stack before it tells
+    the server, so a lost server costs one short attempt here, not another retry cycle."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    with _environ(**quick) if handle.lost is not None else contextlib.nullcontext():
+        try:
+            mlflow.end_run(status)
+        except _LOST as error:
+            handle.lost = handle.lost or error
 
 
 def _pipeline_parent(client: mlflow.MlflowClient) -> str | None:

@@ -11,7 +11,6 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from refine_af.generation import Completion, SamplingParams
 
@@ -51,10 +50,15 @@ class ScriptedBackend:
         return [0.9 if "alpha" in p.rsplit("Task:", 1)[-1] else 0.1 for p in prompts]
 
 
-if __name__ == "__main__":  # python scripted_backend.py OUT_DIR WORKSPACE TARGET
-    from refine_af.config import load_config
+if __name__ == "__main__":  # python scripted_backend.py OUT_DIR WORKSPACE TARGET [OPTION…]
+    # The real command line (lock, checks, exit codes), with this backend for the model.
+    from refine_af import cli
     from refine_af.stages import instructions
 
-    out_dir, workspace, target = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-    config = load_config("local-cpu", [f"stage1.num_instructions={target}"])
-    instructions.run(config, out_dir, ScriptedBackend(delay_s=0.3), workspace=workspace)
+    out_dir, workspace, target, *options = sys.argv[1:]
+    instructions.backend_for = lambda config: ScriptedBackend(delay_s=0.3)
+    sys.argv = [
+        "refine-af", "stage", "instructions", "--out", out_dir, "--workspace", workspace,
+        "--set", f"stage1.num_instructions={target}", *options,
+    ]  # fmt: skip
+    cli.main()

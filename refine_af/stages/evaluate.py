@@ -258,7 +258,7 @@ def run(
         if on_progress is not None:
             on_progress(name, done[name], len(instances))
 
-    with tracking.stage_run("evaluate", workspace, params, tags=tags) as stage_run:
+    with tracking.stage_run("evaluate", workspace, params, tags=tags, out_dir=out_dir) as stage_run:
         for name in to_score:
             if on_start is not None:
                 on_start(name, len(instances))

@@ -283,7 +283,7 @@ def _read_entries(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     entries = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(records.jsonl_lines(path.read_text(encoding="utf-8")), start=1):
         if line.strip():
             try:
                 entries.append(json.loads(line))
@@ -348,7 +348,7 @@ def _log(stage_run: tracking.StageRun, out_dir: Path, summary: dict[str, Any]) -
         metrics["mean_reward"] = summary["mean_reward"]
     stage_run.log_metrics(metrics)
     stage_run.log_dict(summary, SUMMARY)
-    lines = (out_dir / EXAMPLES).read_text(encoding="utf-8").splitlines()[:SAMPLES_LOGGED]
+    lines = records.jsonl_lines((out_dir / EXAMPLES).read_text(encoding="utf-8"))[:SAMPLES_LOGGED]
     stage_run.log_text("".join(line + "\n" for line in lines), "samples.jsonl")
 
 
@@ -386,7 +386,9 @@ def run(
     tags = {"refine_af.config_hash": config.config_hash(), "refine_af.policy": writer.policy}
     if shard is not None:
         tags["refine_af.shard"] = f"{shard.index}/{shard.count}"
-    with tracking.stage_run("instances", workspace, config.to_dict(), tags=tags) as stage_run:
+    with tracking.stage_run(
+        "instances", workspace, config.to_dict(), tags=tags, out_dir=out_dir
+    ) as stage_run:
         part = Part()
         for block in mine:
             part.extend(writer.block(block))
@@ -512,7 +514,9 @@ def merge(shard_dirs: Sequence[Path], out_dir: Path, *, workspace: Path) -> Inst
         seconds=time.monotonic() - started,
     )
     tags = {"refine_af.config_hash": config.config_hash(), "refine_af.policy": policy(config)}
-    with tracking.stage_run("instances-merge", workspace, config.to_dict(), tags=tags) as run_:
+    with tracking.stage_run(
+        "instances-merge", workspace, config.to_dict(), tags=tags, out_dir=out_dir
+    ) as run_:
         out_dir.mkdir(parents=True, exist_ok=True)
         finalize(out_dir, config, part, summary)
         _log(run_, out_dir, summary)

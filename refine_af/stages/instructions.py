@@ -140,6 +140,8 @@ class Bootstrap:
     filtered: list[dict[str, Any]] = field(default_factory=list)
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     rounds: int = 0
+    seconds: float = 0.0  # spent in rounds, over every invocation
+    config_hashes: list[str] = field(default_factory=list)  # one per invocation
 
     def __post_init__(self) -> None:
         self.index = RougeLIndex(seed.instruction for seed in self.seeds)
@@ -162,6 +164,9 @@ class Bootstrap:
                 self.quarantined.append(event["entry"])
             elif kind == "round":
                 self.rounds = event["round"]
+                self.seconds += event.get("seconds", 0.0)
+            elif kind in ("start", "resume") and "config_hash" in event:
+                self.config_hashes.append(event["config_hash"])
 
     def prompts(self, rng: random.Random) -> list[str]:
         machine = [r.instruction for r in self.accepted]
@@ -265,32 +270,76 @@ class InstructionsResult:
     summary: dict[str, Any]
 
 
-def load_seeds(settings: InstructionsSettings) -> tuple[list[SeedTask], str]:
+def load_seeds(config: RunConfig) -> tuple[list[SeedTask], str]:
+    """The seed tasks, checked against the settings that use them before any model loads."""
+    settings = config.stage1
     path = settings.seed_tasks or str(seed_tasks_path())
-    seeds = records.read_records(path, SeedTask)
+    seeds = records.read_records(path, SeedTask, config.limits.by_field())
     if not seeds:
         raise InputError(f"{path}: no seed tasks in the file")
+    if len(seeds) < settings.prompt_instructions:
+        raise InputError(
+            f"{path}: {len(seeds)} seed tasks, but every prompt shows "
+            f"stage1.prompt_instructions={settings.prompt_instructions} of them before the "
+            f"pool has machine instructions; add seeds or --set "
+            f"stage1.prompt_instructions={max(len(seeds), 2)} (and prompt_machine_instructions "
+            "below it)"
+        )
     return seeds, path
 
 
 def _resume_key(config: RunConfig) -> dict[str, Any]:
-    """What must match to continue a journal: everything but the target and round limit."""
+    """What shapes the pool, so must match to continue a journal: the model, sampling and
+    stage 1 settings, but not the target and round limit."""
     stage1 = config.stage1.model_dump(mode="json", exclude={"num_instructions", "max_rounds"})
-    return {"model": config.model.model_dump(mode="json"), "stage1": stage1}
+    return {
+        "model": config.model.model_dump(mode="json"),
+        "generation": config.generation.model_dump(mode="json"),
+        "stage1": stage1,
+        "limits": config.limits.model_dump(mode="json"),
+    }
 
 
-def _open_journal(out_dir: Path, config: RunConfig) -> tuple[Path, list[dict[str, Any]]]:
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resume keys."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _check_resume(
+    journal: Path, events: list[dict[str, Any]], config: RunConfig, *, force_resume: bool
+) -> list[str]:
+    """The settings a resume would change; refused (InputError) unless ``force_resume``."""
+    differing = _differences(events[0].get("resume_key"), _resume_key(config))
+    if differing and not force_resume:
+        raise InputError(
+            f"{journal}: this output folder holds a run with different settings: "
+            f"{', '.join(differing)}; use a new --out folder, the earlier settings, or "
+            "--force-resume to mix them (only stage1.num_instructions and max_rounds may change)"
+        )
+    return differing
+
+
+def _open_journal(
+    out_dir: Path, config: RunConfig, *, force_resume: bool = False
+) -> tuple[Path, list[dict[str, Any]]]:
+    """The journal and its events; a resume records itself (config hash, forced keys)."""
     journal = out_dir / JOURNAL
     events = records.read_journal(journal)
-    key = _resume_key(config)
-    if events and events[0].get("resume_key") != key:
-        raise InputError(
-            f"{journal}: this output folder holds a run with different settings; "
-            "use a new --out folder (only stage1.num_instructions and max_rounds may change)"
-        )
     if not events:
-        records.append_jsonl(journal, [{"event": "start", "resume_key": key}])
-    return journal, events[1:]
+        start = {
+            "event": "start",
+            "resume_key": _resume_key(config),
+            "config_hash": config.config_hash(),
+        }
+        records.append_jsonl(journal, [start])
+        return journal, [start]
+    differing = _check_resume(journal, events, config, force_resume=force_resume)
+    resume = {"event": "resume", "config_hash": config.config_hash(), "forced": differing}
+    records.append_jsonl(journal, [resume])
+    return journal, [*events, resume]
 
 
 def _write_outputs(out_dir: Path, state: Bootstrap, summary: dict[str, Any]) -> None:
@@ -332,18 +381,20 @@ def run(
     *,
     workspace: Path,
     on_round: Callable[[Bootstrap], None] | None = None,
+    force_resume: bool = False,
 ) -> InstructionsResult:
     """Bootstrap until ``stage1.num_instructions`` machine instructions are accepted.
 
-    Continues a journal already in ``out_dir``; writes the outputs atomically at the end
-    and logs params, per-round and final metrics and the summary to MLflow (the store of
-    ``workspace`` unless ``MLFLOW_TRACKING_URI`` is set). ``on_round`` sees the state after
-    every round (progress display).
+    Continues a journal already in ``out_dir`` (refusing one written with other settings
+    unless ``force_resume``); writes the outputs atomically at the end and logs params,
+    per-round and final metrics and the summary to MLflow (the store of ``workspace``
+    unless ``MLFLOW_TRACKING_URI`` is set). ``on_round`` sees the state after every round
+    (progress display).
     """
     settings = config.stage1
-    seeds, seed_path = load_seeds(settings)
+    seeds, seed_path = load_seeds(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    journal, events = _open_journal(out_dir, config)
+    journal, events = _open_journal(out_dir, config, force_resume=force_resume)
     state = Bootstrap(settings, seeds)
     state.restore(events)
     detector = ClassificationDetector(backend, seeds, settings.classification_shots)
@@ -356,8 +407,11 @@ def run(
     )
     started = time.monotonic()
     tags = {"refine_af.config_hash": config.config_hash()}
-    with tracking.stage_run("instructions", workspace, config.to_dict(), tags=tags) as stage_run:
+    with tracking.stage_run(
+        "instructions", workspace, config.to_dict(), tags=tags, out_dir=out_dir
+    ) as stage_run:
         while not state.done and state.rounds < settings.max_rounds:
+            round_started = time.monotonic()
             round_seed = config.generation.seed * 1_000_003 + state.rounds
             prompts = state.prompts(random.Random(round_seed))
             completions = backend.generate(prompts, replace(params, seed=round_seed))
@@ -371,7 +425,11 @@ def run(
                 record = state.record(neighbours, label)
                 round_events.append({"event": "accepted", "record": record.model_dump(mode="json")})
             state.rounds += 1
-            round_events.append({"event": "round", "round": state.rounds})
+            round_seconds = time.monotonic() - round_started
+            state.seconds += round_seconds
+            round_events.append(
+                {"event": "round", "round": state.rounds, "seconds": round(round_seconds, 3)}
+            )
             records.append_jsonl(journal, round_events)
             _log_round(stage_run, state)
             if on_round is not None:
@@ -379,11 +437,13 @@ def run(
         summary = {
             "stage": "instructions",
             "config_hash": config.config_hash(),
+            "config_hashes": list(dict.fromkeys(state.config_hashes)),
             "seed_tasks": seed_path,
             "seeds": len(seeds),
             "target": settings.num_instructions,
             "reached_target": state.done,
-            "seconds": round(time.monotonic() - started, 1),
+            "seconds": round(state.seconds, 1),
+            "seconds_this_run": round(time.monotonic() - started, 1),
             **state.counts(),
         }
         _write_outputs(out_dir, state, summary)
@@ -400,9 +460,10 @@ def execute(
     *,
     workspace: Path,
     on_round: Callable[[Bootstrap], None] | None = None,
+    force_resume: bool = False,
 ) -> InstructionsResult:
-    """Check the seed input, then load the configured model and run the stage."""
-    load_seeds(config.stage1)
+    """Check the seed input and the tracking store, then load the configured model and run."""
+    check(config, out_dir, workspace, force_resume=force_resume)
     backend = backend_for(config)
     return run(
         config,
@@ -410,4 +471,14 @@ def execute(
         backend,
         workspace=workspace,
         on_round=on_round,
+        force_resume=force_resume,
     )
+
+
+def check(config: RunConfig, out_dir: Path, workspace: Path, *, force_resume: bool = False) -> None:
+    """Everything that can fail without a model: the seeds, a resume's settings, MLflow."""
+    load_seeds(config)
+    journal = out_dir / JOURNAL
+    if journal.is_file() and (events := records.read_journal(journal)):
+        _check_resume(journal, events, config, force_resume=force_resume)
+    tracking.connect(workspace)

@@ -41,6 +41,7 @@ from refine_af.records import InstructionRecord
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 RUN_KEY = "run_key.json"
+TOTALS_FILE = "refine_af_totals.json"  # in each checkpoint: what a resume cannot recompute
 BIAS_OR_FLOOR = "bias_or_floor"
 SAMPLES_KEPT = 32
 
@@ -221,6 +222,33 @@ def forwarding_callback(stage_run: tracking.StageRun | None, on_step: StepCallba
                 on_step(state.global_step, state.max_steps, metrics)
 
     return Forward()
+
+
+def totals_callback(composite: CompositeReward, seconds_before: float):
+    """Save the reward totals and the seconds spent so far into every checkpoint, so the
+    summary of a resumed run counts every invocation, not only the last."""
+    from transformers import TrainerCallback
+
+    started = time.monotonic()
+
+    class SaveTotals(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                seconds = seconds_before + time.monotonic() - started
+                data = {"totals": dict(composite.totals), "seconds": seconds}
+                storage.write_text(folder / TOTALS_FILE, json.dumps(data) + "\n")
+
+    return SaveTotals()
+
+
+def totals_before(checkpoint: str | None) -> tuple[dict[str, int], float]:
+    """The totals and seconds saved with ``checkpoint`` (none without one)."""
+    path = Path(checkpoint or "") / TOTALS_FILE
+    if checkpoint is None or not path.is_file():
+        return {}, 0.0
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return saved["totals"], float(saved["seconds"])
 
 
 def build_trainer(
@@ -442,13 +470,15 @@ def run(
     composite = CompositeReward.from_settings(
         settings.reward, build_scorers(settings.scorers, names)
     )
+    counted, seconds_before = totals_before(checkpoint)
+    composite.totals.update(counted)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         storage.write_text(out_dir / RUN_KEY, json.dumps(key, indent=2) + "\n")
     started = time.monotonic()
     tags = {"refine_af.config_hash": config.config_hash()}
     tracked = (
-        tracking.stage_run("rlaf", workspace, config.to_dict(), tags=tags)
+        tracking.stage_run("rlaf", workspace, config.to_dict(), tags=tags, out_dir=out_dir)
         if main
         else nullcontext()
     )
@@ -458,7 +488,7 @@ def run(
             instructions,
             composite,
             out_dir / CHECKPOINTS_DIR,
-            [forwarding_callback(stage_run, on_step)],
+            [forwarding_callback(stage_run, on_step), totals_callback(composite, seconds_before)],
         )
         trainer.train(resume_from_checkpoint=checkpoint)
         _publish_adapter(trainer, out_dir, config.model.base)
@@ -474,7 +504,7 @@ def run(
             "instructions": len(instructions),
             "steps": trainer.state.global_step,
             "resumed_from_checkpoint": checkpoint,
-            "seconds": round(time.monotonic() - started, 1),
+            "seconds": round(seconds_before + time.monotonic() - started, 1),
             "reward_first5": _mean(per_step[:5]),
             "reward_last5": _mean(per_step[-5:]),
             "completions_scored": rewards.composite.totals["scored"],

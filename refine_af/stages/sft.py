@@ -359,7 +359,9 @@ def run(
     }
     parent_run_id = os.environ.get(tracking.PARENT_RUN_ENV)
     tracked = (
-        tracking.stage_run("sft", workspace, config.to_dict(), tags=tags) if main else nullcontext()
+        tracking.stage_run("sft", workspace, config.to_dict(), tags=tags, out_dir=out_dir)
+        if main
+        else nullcontext()
     )
     with tracked as stage_run, tempfile.TemporaryDirectory(prefix="refine-af-sft-") as work:
         trainer = build_trainer(

@@ -1,0 +1,487 @@
+"""Nothing lost, nothing hangs: locks, bounded waits, exit codes, JSONL that reads back.
+
+Each test names the item of issue 13 it covers.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from cli_runner import run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scripted_backend import ScriptedBackend
+
+from refine_af import cli, locking, records, storage, tracking
+from refine_af.config import load_config
+from refine_af.errors import InputError, TrackingUnavailable
+from refine_af.records import ExampleRecord, InstructionRecord, SeedInstance, SeedTask
+from refine_af.stages import instructions
+
+
+def seed(i: int, **changes) -> dict:
+    row = {
+        "id": f"s{i}",
+        "name": f"n{i}",
+        "instruction": f"Name a colour number {i} of the rainbow.",
+        "instances": [{"input": "", "output": "Red"}],
+        "is_classification": i % 2 == 0,
+    }
+    return {**row, **changes}
+
+
+def seeds_file(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def instructions_cli(monkeypatch, capsys, tmp_path, *args):
+    out = tmp_path / "out"
+    command = ["stage", "instructions", "--out", str(out), "--workspace", str(tmp_path / "ws")]
+    return (*run_cli(monkeypatch, capsys, *command, *args), out)
+
+
+# ------------------------------------------------------------ 1. one run per output folder
+
+
+def _hold_lock_in_child(folder: Path) -> subprocess.Popen:
+    code = (
+        "import sys, time; from refine_af import locking\n"
+        "with locking.output_lock(sys.argv[1]):\n"
+        "    print('held', flush=True); time.sleep(120)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE)
+    assert child.stdout.readline().strip() == b"held"
+    return child
+
+
+def test_1_second_run_on_a_locked_folder_exits_2_naming_the_holder(tmp_path, monkeypatch, capsys):
+    child = _hold_lock_in_child(tmp_path / "out")
+    try:
+        code, _, err, out = instructions_cli(monkeypatch, capsys, tmp_path)
+    finally:
+        child.kill()
+        child.wait()
+    assert code == 2, err
+    assert "another run is writing this output folder" in err
+    assert f"pid {child.pid}" in err
+    assert not (out / instructions.JOURNAL).exists()
+
+
+def test_1_lock_of_a_killed_run_is_taken_over(tmp_path):
+    child = _hold_lock_in_child(tmp_path / "out")
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    heard = []
+    with locking.output_lock(tmp_path / "out", warn=heard.append):
+        holder = json.loads((tmp_path / "out" / locking.HOLDER_FILE).read_text())
+        assert holder["pid"] == os.getpid()
+    assert len(heard) == 1 and f"pid {child.pid}" in heard[0]
+    assert not (tmp_path / "out" / locking.HOLDER_FILE).exists()
+
+
+def test_1_two_processes_racing_on_one_folder_lose_and_duplicate_nothing(tmp_path):
+    """Two stage 1 runs at once on one folder: one wins, the other exits 2; the result has
+    every id once."""
+    out, ws = tmp_path / "out", tmp_path / "ws"
+    script = Path(__file__).with_name("scripted_backend.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    command = [sys.executable, str(script), str(out), str(ws), "20"]
+    runs = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE) for _ in range(2)]
+    codes = sorted(run.wait(timeout=300) for run in runs)
+    assert codes == [0, 2], [run.stderr.read() for run in runs]
+    pool = records.read_records(out / "instructions.jsonl", InstructionRecord)
+    machine = [r for r in pool if r.source == "machine"]
+    assert len(machine) == len({r.id for r in machine}) == 20
+    accepted = [e for e in records.read_journal(out / "journal.jsonl") if e["event"] == "accepted"]
+    assert len(accepted) == 20
+
+
+# ------------------------------------------------------------ 2. too few seeds for the prompt
+
+
+def test_2_fewer_seeds_than_prompt_instructions_exit_2_before_any_model_loads(
+    tmp_path, monkeypatch, capsys
+):
+    path = seeds_file(tmp_path / "seeds.jsonl", [seed(i) for i in range(5)])
+    code, _, err, out = instructions_cli(monkeypatch, capsys, tmp_path, "--seed-tasks", str(path))
+    assert code == 2
+    assert "5 seed tasks" in err and "stage1.prompt_instructions=8" in err
+    assert not out.exists()
+    assert "instructions" not in err.split("error")[0]  # no progress bar before the error
+
+
+# ------------------------------------------------------------ 3. tracking lost mid-stage
+
+
+class KillsServerAfterFirstRound(ScriptedBackend):
+    def __init__(self, stop) -> None:
+        super().__init__()
+        self.stop = stop
+
+    def generate(self, prompts, params, *, chat=False):
+        if self.calls == 1:
+            self.stop()
+        return super().generate(prompts, params, chat=chat)
+
+
+@pytest.mark.integration
+def test_3_lost_server_mid_stage_is_bounded_outputs_complete_then_it_fails(
+    tmp_path, doomed_mlflow_server, monkeypatch
+):
+    url, stop = doomed_mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    for name in tracking.WAIT_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    config = load_config("local-cpu", ["stage1.num_instructions=12", "stage1.prompts_per_round=2"])
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=url):
+        instructions.run(
+            config, tmp_path / "out", KillsServerAfterFirstRound(stop), workspace=tmp_path
+        )
+    assert time.monotonic() - started < 60
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["accepted"] == 12
+
+
+@pytest.mark.integration
+def test_3_black_holed_server_fails_in_bounded_time(tmp_path, black_hole, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", black_hole)
+    started = time.monotonic()
+    code, _, err, out = instructions_cli(monkeypatch, capsys, tmp_path)
+    assert code == 1 and black_hole in err
+    assert time.monotonic() - started < 30
+    assert not out.exists()  # 12: checked before any model loads or journal is written
+
+
+def test_3_runs_left_running_by_a_killed_stage_are_marked_killed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with tracking.stage_run("instructions", tmp_path, out_dir=out) as first:
+        pass
+    client = tracking.connect(tmp_path)
+    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    abandoned = client.create_run(
+        experiment.experiment_id,
+        tags={tracking.STAGE_TAG: "instructions", tracking.OUT_DIR_TAG: str(out.resolve())},
+    )  # what a kill -9 leaves: a run nobody ended
+    other = client.create_run(experiment.experiment_id, tags={tracking.STAGE_TAG: "instructions"})
+    with tracking.stage_run("instructions", tmp_path, out_dir=out):
+        pass
+    assert client.get_run(abandoned.info.run_id).info.status == "KILLED"
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"  # another folder's
+
+
+# ------------------------------------------------------------ 4. JSONL reads back what it writes
+
+text = st.text(st.characters(codec="utf-8"), max_size=40)
+floats = st.floats(allow_nan=False, allow_infinity=False)
+RECORDS = {
+    SeedTask: st.builds(
+        SeedTask,
+        id=text,
+        name=text,
+        instruction=text.filter(str.strip),
+        instances=st.lists(st.builds(SeedInstance, input=text, output=text), min_size=1),
+        is_classification=st.booleans(),
+    ),
+    InstructionRecord: st.builds(
+        InstructionRecord,
+        id=text,
+        instruction=text.filter(str.strip),
+        is_classification=st.booleans(),
+        source=st.sampled_from(["seed", "machine"]),
+        most_similar=st.dictionaries(text, floats, max_size=3),
+        avg_similarity_score=st.none() | floats,
+    ),
+    ExampleRecord: st.builds(
+        ExampleRecord,
+        id=text,
+        instruction_id=text,
+        instruction=text,
+        input=text,
+        output=text,
+        scores=st.dictionaries(text, floats, max_size=3),
+        reward=st.none() | floats,
+        policy=st.sampled_from(["rl", "base"]),
+    ),
+}
+
+
+@pytest.mark.parametrize("model", list(RECORDS), ids=lambda m: m.__name__)
+def test_4_every_record_type_round_trips_through_jsonl(model, tmp_path):
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(RECORDS[model], max_size=6, unique_by=lambda r: r.id))
+    def round_trip(rows):
+        path = tmp_path / "rows.jsonl"
+        records.write_jsonl(path, rows)
+        assert records.read_records(path, model) == rows
+
+    round_trip()
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085", "\x1c", "\r", "\x0b"])
+def test_4_line_separators_inside_strings_stay_inside(separator, tmp_path):
+    row = ExampleRecord(
+        id="e1", instruction_id="i", instruction="x", input=f"a{separator}b", output="y",
+        policy="base",
+    )  # fmt: skip
+    records.write_jsonl(tmp_path / "e.jsonl", [row])
+    assert records.read_records(tmp_path / "e.jsonl", ExampleRecord) == [row]
+
+
+# ------------------------------------------------------------ 5. bounded input sizes
+
+
+def test_5_oversized_instruction_exits_2_with_file_line(tmp_path, monkeypatch, capsys):
+    rows = [seed(i) for i in range(10)]
+    rows[6]["instruction"] = "word " * 200_000
+    path = seeds_file(tmp_path / "seeds.jsonl", rows)
+    code, _, err, out = instructions_cli(monkeypatch, capsys, tmp_path, "--seed-tasks", str(path))
+    assert code == 2
+    assert f"{path}:7: field 'instruction' has 1000000 characters" in err
+    assert "limits.max_instruction_chars" in err
+    assert not out.exists()
+
+
+def test_5_limits_cover_nested_fields_and_are_configurable(tmp_path):
+    rows = [seed(i) for i in range(10)]
+    rows[2]["instances"][0]["output"] = "x" * 50
+    path = seeds_file(tmp_path / "seeds.jsonl", rows)
+    limits = load_config("local-cpu", ["limits.max_output_chars=49"]).limits.by_field()
+    with pytest.raises(InputError, match=r":3: field 'instances\.0\.output' has 50"):
+        records.read_records(path, SeedTask, limits)
+    assert len(records.read_records(path, SeedTask, {"output": (50, "x")})) == 10
+
+
+# ------------------------------------------------------------ 6. messages, not tracebacks
+
+
+def _not_utf8_config(tmp_path: Path) -> list[str]:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    return ["--config", str(path)]
+
+
+def _under_a_file(tmp_path: Path) -> list[str]:
+    (tmp_path / "plain").write_text("x")
+    return ["--seed-tasks", str(tmp_path / "plain" / "seeds.jsonl")]
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda p: ["--seed-tasks", str(p)], "is a folder; expected a JSONL file"),
+        (_under_a_file, "a part of this path is a file, not a folder"),
+        (_not_utf8_config, "bad.yaml: not UTF-8 text"),
+        (lambda p: ["--seed-tasks", "s3://Bad_Bucket/x.jsonl"], "malformed S3 URI"),
+        (lambda p: ["--seed-tasks", "s3://bucket/"], "names a bucket or prefix"),
+    ],
+    ids=["folder-as-file", "path-under-file", "config-not-utf8", "bad-bucket", "s3-prefix"],
+)
+def test_6_user_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, make_args, message):
+    code, _, err, _ = instructions_cli(monkeypatch, capsys, tmp_path, *make_args(tmp_path))
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.integration
+def test_6_s3_missing_credentials_exit_2_naming_the_uri(tmp_path, monkeypatch, capsys, s3_bucket):
+    uri = f"s3://{s3_bucket}/seeds.jsonl"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    storage._client_for.cache_clear()
+    code, _, err, _ = instructions_cli(monkeypatch, capsys, tmp_path, "--seed-tasks", uri)
+    storage._client_for.cache_clear()
+    assert code == 2, err
+    assert f"{uri}: no S3 credentials" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("endpoint", ["closed", "black_hole"])
+def test_6_unreachable_s3_endpoint_exits_1_in_bounded_time(
+    tmp_path, monkeypatch, capsys, endpoint, black_hole
+):
+    url = black_hole if endpoint == "black_hole" else "http://127.0.0.1:9"
+    monkeypatch.setenv("S3_ENDPOINT_URL", url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setattr(storage, "S3_READ_TIMEOUT_S", 2)
+    storage._client_for.cache_clear()
+    started = time.monotonic()
+    code, _, err, _ = instructions_cli(
+        monkeypatch, capsys, tmp_path, "--seed-tasks", "s3://bucket/s.jsonl"
+    )
+    storage._client_for.cache_clear()
+    assert code == 1, err
+    assert f"S3 endpoint {url} did not answer for s3://bucket/s.jsonl" in err
+    assert "Traceback" not in err and time.monotonic() - started < 30
+
+
+def test_6_full_disk_and_unexpected_errors_are_one_line_exit_1():
+    full = OSError(errno.ENOSPC, "No space left on device", "/out/x.jsonl")
+    assert cli._one_line(full) == (
+        1, "no space left on the device writing /out/x.jsonl; free some and re-run"
+    )  # fmt: skip
+    code, message = cli._one_line(RuntimeError("boom\nsecond line"))
+    assert code == 1 and message == "RuntimeError: boom (--debug shows the traceback)"
+
+
+def test_6_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "seeds.jsonl"
+    path.mkdir()
+    command = ["stage", "instructions", "--out", str(tmp_path / "o"), "--seed-tasks", str(path)]
+    code, _, err = run_cli(monkeypatch, capsys, "--debug", *command)
+    assert code == 2 and "Traceback" in err and "is a folder" in err
+    monkeypatch.setattr(cli, "_debug", False)
+
+
+# ------------------------------------------------------------ 8. s3:// in path flags
+
+
+@pytest.mark.integration
+def test_8_input_flags_keep_s3_uris(tmp_path, monkeypatch, capsys, s3_bucket):
+    uri = f"s3://{s3_bucket}/data/seeds.jsonl"
+    rows = [seed(i) for i in range(3)]
+    boto3.client("s3").put_object(
+        Bucket=s3_bucket, Key="data/seeds.jsonl",
+        Body="".join(json.dumps(r) + "\n" for r in rows).encode(),
+    )  # fmt: skip
+    code, _, err, _ = instructions_cli(monkeypatch, capsys, tmp_path, "--seed-tasks", uri)
+    assert code == 2 and f"{uri}: 3 seed tasks" in err  # read from S3, then judged
+
+    for command, flag in (("rlaf", "--instructions"), ("instances", "--instructions"),
+                          ("sft", "--examples")):  # fmt: skip
+        missing = f"s3://{s3_bucket}/data/missing.jsonl"
+        args = ["stage", command, flag, missing, "--out", str(tmp_path / command)]
+        code, _, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 2 and f"{missing}: file not found" in err, err
+
+
+def test_8_out_must_be_local(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(
+        monkeypatch, capsys, "stage", "instructions", "--out", "s3://b/out",
+        "--workspace", str(tmp_path),
+    )  # fmt: skip
+    assert code == 2 and "output folders are local" in err
+
+
+# ------------------------------------------------------------ 9. bad seeds stop at stage 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({3: {"id": "s1"}}, ":4: field 'id': 's1' repeats the id of line 2"),
+        ({5: {"instruction": " \t "}}, ":6: field 'instruction': Value error, must contain text"),
+    ],
+)
+def test_9_duplicate_ids_and_blank_instructions_exit_2(
+    tmp_path, monkeypatch, capsys, change, message
+):
+    rows = [seed(i) for i in range(10)]
+    for index, fields in change.items():
+        rows[index].update(fields)
+    path = seeds_file(tmp_path / "seeds.jsonl", rows)
+    code, _, err, out = instructions_cli(monkeypatch, capsys, tmp_path, "--seed-tasks", str(path))
+    assert code == 2 and message in err, err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------ 10. resume with other settings
+
+
+def test_10_resume_with_other_sampling_is_refused_unless_forced(tmp_path):
+    out = tmp_path / "out"
+    first = load_config("local-cpu", ["stage1.num_instructions=4"])
+    instructions.run(first, out, ScriptedBackend(), workspace=tmp_path)
+    changed = load_config("local-cpu", ["stage1.num_instructions=8", "generation.temperature=0.9"])
+    with pytest.raises(InputError, match=r"different settings: generation\.temperature;"):
+        instructions.check(changed, out, tmp_path)
+    with pytest.raises(InputError, match=r"generation\.seed, generation\.temperature"):
+        reseeded = load_config("local-cpu", ["generation.temperature=0.9", "generation.seed=1"])
+        instructions.run(reseeded, out, ScriptedBackend(), workspace=tmp_path)
+
+    result = instructions.run(
+        changed, out, ScriptedBackend(), workspace=tmp_path, force_resume=True
+    )
+    assert result.summary["accepted"] == 8
+    assert result.summary["config_hashes"] == [first.config_hash(), changed.config_hash()]
+    resume = [e for e in records.read_journal(out / "journal.jsonl") if e["event"] == "resume"]
+    assert resume[-1]["forced"] == ["generation.temperature"]
+
+
+def test_10_force_resume_via_the_cli(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    instructions.run(
+        load_config("local-cpu", ["stage1.num_instructions=2"]), out, ScriptedBackend(),
+        workspace=tmp_path / "ws",
+    )  # fmt: skip
+    code, _, err, _ = instructions_cli(
+        monkeypatch, capsys, tmp_path, "--set", "generation.seed=7", "--set",
+        "stage1.num_instructions=2",
+    )  # fmt: skip
+    assert code == 2 and "generation.seed" in err and "--force-resume" in err
+
+
+# ------------------------------------------------------------ 12. smaller ones
+
+
+def test_12_summary_seconds_count_every_invocation(tmp_path):
+    out = tmp_path / "out"
+    config = load_config("local-cpu", ["stage1.num_instructions=30", "stage1.prompts_per_round=2"])
+
+    class Slow(ScriptedBackend):
+        def __init__(self, rounds):
+            super().__init__(delay_s=0.2)
+            self.rounds = rounds
+
+        def generate(self, prompts, params, *, chat=False):
+            if self.calls == self.rounds:
+                raise KeyboardInterrupt
+            return super().generate(prompts, params, chat=chat)
+
+    with pytest.raises(KeyboardInterrupt):
+        instructions.run(config, out, Slow(rounds=3), workspace=tmp_path)
+    result = instructions.run(config, out, Slow(rounds=10**6), workspace=tmp_path)
+    rounds = result.summary["rounds"]
+    assert rounds > 3  # 3 in the first invocation, the rest in the second
+    assert result.summary["seconds"] >= 0.2 * rounds - 0.05  # both invocations' rounds
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "generation.temperature=.inf",
+            "--set generation.temperature=.inf: generation.temperature",
+        ),
+        ("stage2.kl_coef=.nan", "--set stage2.kl_coef=.nan: stage2.kl_coef"),
+        ("stage1.num_instructions=true", "num_instructions: expected a number, got true"),
+        ("stage4.learning_rate=false", "learning_rate: expected a number, got false"),
+    ],
+)
+def test_12_infinite_and_boolean_numbers_are_refused_and_blamed_on_the_set(override, message):
+    with pytest.raises(InputError) as caught:
+        load_config("local-cpu", [override])
+    assert message in str(caught.value)
+    assert "preset local-cpu" not in str(caught.value)
+
+
+def test_12_duplicate_yaml_keys_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage1:\n  num_instructions: 3\n  max_rounds: 2\n  num_instructions: 9\n")
+    with pytest.raises(InputError, match=r"'num_instructions' repeats the key of line 2"):
+        load_config(str(path))
