@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -779,6 +780,10 @@ def submit(
     service_account: Annotated[str | None, typer.Option(help="pods' ServiceAccount")] = None,
     wait: Annotated[bool, typer.Option(help="wait for the run to finish")] = False,
     timeout: Annotated[int, typer.Option(help="seconds to wait with --wait")] = 7200,
+    api_timeout: Annotated[
+        float,
+        typer.Option(min=1, help="seconds the KFP API may take to accept the run (or to report)"),
+    ] = 60.0,
 ) -> None:
     """Compile the pipeline for the cluster and submit it to Kubeflow Pipelines.
 
@@ -822,7 +827,7 @@ def submit(
         try:
             _submit_and_wait(
                 host, experiment, run_config, package, shards, baseline, gpus,
-                service_account, timeout if wait else None,
+                service_account, timeout if wait else None, api_timeout,
             )  # fmt: skip
         except submission.SubmitFailed as error:
             err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
@@ -830,7 +835,16 @@ def submit(
 
 
 def _submit_and_wait(
-    host, experiment, run_config, package, shards, baseline, gpus, service_account, timeout
+    host,
+    experiment,
+    run_config,
+    package,
+    shards,
+    baseline,
+    gpus,
+    service_account,
+    timeout,
+    api_timeout,
 ) -> None:
     """Create the run; with a timeout, wait and raise SubmitFailed unless it succeeds."""
     import kfp
@@ -838,20 +852,21 @@ def _submit_and_wait(
     from refine_af import submission
 
     try:
-        client = kfp.Client(host=host)
-        result = client.create_run_from_pipeline_package(
-            str(package),
-            arguments={
-                "config": run_config.to_yaml(),
-                "overrides": [],
-                "shards": shards,
-                "run_baseline": baseline,
-                "gpus": gpus,
-            },
-            experiment_name=experiment,
-            run_name=f"{run_config.name}-{run_config.config_hash()}",
-            service_account=service_account,
-        )
+        with _deadline(api_timeout, f"KFP API at {host} did not accept the run"):
+            client = kfp.Client(host=host)
+            result = client.create_run_from_pipeline_package(
+                str(package),
+                arguments={
+                    "config": run_config.to_yaml(),
+                    "overrides": [],
+                    "shards": shards,
+                    "run_baseline": baseline,
+                    "gpus": gpus,
+                },
+                experiment_name=experiment,
+                run_name=f"{run_config.name}-{run_config.config_hash()}",
+                service_account=service_account,
+            )
     except Exception as error:  # connection refused, HTTP errors from the API server
         raise submission.SubmitFailed(
             f"could not submit to {host}: {submission.one_line(error)}"
@@ -861,7 +876,8 @@ def _submit_and_wait(
     if timeout is None:
         return
     try:
-        finished = client.wait_for_run_completion(result.run_id, timeout=timeout)
+        with _deadline(timeout + api_timeout, f"run {result.run_id} did not finish"):
+            finished = client.wait_for_run_completion(result.run_id, timeout=timeout)
     except TimeoutError:
         try:
             steps = submission.unfinished_steps(client.get_run(result.run_id)) or "unknown"
@@ -878,6 +894,29 @@ def _submit_and_wait(
     if finished.state != "SUCCEEDED":
         steps = submission.unfinished_steps(finished) or "unknown"
         raise submission.SubmitFailed(f"run {finished.state}: {url}; failed step: {steps}")
+
+
+class _Expired(BaseException):
+    """Raised by the alarm: a BaseException, so no library's retry loop catches it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, what: str) -> Iterator[None]:
+    """Bound a block that may block forever: the KFP client sends its requests without a
+    timeout, so a host that accepts connections and never answers would hang it."""
+
+    def expire(signum, frame) -> None:
+        raise _Expired
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _Expired:
+        raise TimeoutError(f"{what} within {seconds:g} s (--api-timeout)") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _one_line(error: BaseException) -> tuple[int, str]:

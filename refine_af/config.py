@@ -351,6 +351,8 @@ class SftSettings(Section):
     gradient_checkpointing: bool = False
     deepspeed: str | None = Field(None, description="DeepSpeed JSON: a path or a bundled name")
     logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(50, ge=1, description="checkpoint every N steps; a re-run resumes")
+    save_total_limit: int = Field(2, ge=1)
     register_model: bool = Field(
         True, description="register the adapter as a new version of stage6.model_name"
     )

@@ -485,3 +485,97 @@ def test_12_duplicate_yaml_keys_are_refused(tmp_path):
     path.write_text("stage1:\n  num_instructions: 3\n  max_rounds: 2\n  num_instructions: 9\n")
     with pytest.raises(InputError, match=r"'num_instructions' repeats the key of line 2"):
         load_config(str(path))
+
+
+# ------------------------------------------------------------ 11. work kept across a kill
+
+CLI = str(Path(sys.executable).with_name("refine-af"))
+
+
+def _sft_command(examples: Path, out: Path, model: Path, ws: Path, *sets: str) -> list[str]:
+    overrides = [
+        f"model.base={model}", "stage4.max_steps=12", "stage4.save_steps=2",
+        "stage4.per_device_batch_size=2", "stage4.max_length=64", *sets,
+    ]  # fmt: skip
+    args = [arg for item in overrides for arg in ("--set", item)]
+    return [CLI, "stage", "sft", "-e", str(examples), "-o", str(out), "--workspace", str(ws), *args]
+
+
+@pytest.mark.slow
+def test_11_sft_killed_mid_training_resumes_from_its_checkpoint(tmp_path, tiny_causal_lm_dir):
+    from test_sft import example_rows, write_rows
+
+    examples = write_rows(tmp_path / "examples.jsonl", example_rows())
+    out = tmp_path / "out"
+    command = _sft_command(
+        examples, out, tiny_causal_lm_dir, tmp_path / "ws", "stage4.register_model=false"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "summary.json").exists(), "killed too late: training had finished"
+
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_checkpoint"] and summary["steps"] == 12
+    assert int(summary["resumed_from_checkpoint"].rsplit("-", 1)[1]) >= 2
+    assert not (out / "checkpoints").exists()  # cleaned once the adapter is published
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing left in the temp directory
+
+
+def test_11_failed_s3_mirror_leaves_no_download_folder(tmp_path, monkeypatch):
+    from refine_af import models
+    from refine_af.errors import StorageUnavailable
+
+    monkeypatch.setenv("REFINE_AF_CACHE", str(tmp_path / "cache"))
+
+    def unreachable(uri, local_dir):
+        Path(local_dir).mkdir(parents=True)
+        raise StorageUnavailable("S3 endpoint gone")
+
+    monkeypatch.setattr(storage, "download_dir", unreachable)
+    with pytest.raises(StorageUnavailable):
+        models.resolve("s3://bucket/models/m")
+    assert not list((tmp_path / "cache").rglob(".download-*"))
+
+
+@pytest.mark.slow
+def test_12_rerunning_sft_does_not_register_a_duplicate_version(tmp_path, tiny_causal_lm_dir):
+    from test_sft import example_rows, write_rows
+
+    examples = write_rows(tmp_path / "examples.jsonl", example_rows())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    versions = []
+    for attempt in range(2):
+        out = tmp_path / f"out{attempt}"
+        command = _sft_command(
+            examples, out, tiny_causal_lm_dir, tmp_path / "ws", "stage4.max_steps=2"
+        )
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        versions.append(json.loads((out / "summary.json").read_text())["registered_version"])
+    assert versions == ["1", "1"]
+    client = tracking.connect(tmp_path / "ws")
+    assert len(client.search_model_versions("name = 'refine-af-model'")) == 1
+
+
+# ------------------------------------------------------------ 7. submit does not hang
+
+
+def test_7_submit_to_a_silent_host_times_out_with_one_line(
+    tmp_path, black_hole, monkeypatch, capsys
+):
+    started = time.monotonic()
+    code, _, err = run_cli(
+        monkeypatch, capsys, "submit", "--host", black_hole, "--api-timeout", "2",
+        "--package", "pipelines/refine_af.yaml",
+    )  # fmt: skip
+    assert code == 1, err
+    assert f"KFP API at {black_hole} did not accept the run within 2 s" in err
+    assert "Traceback" not in err and time.monotonic() - started < 30

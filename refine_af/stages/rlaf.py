@@ -340,8 +340,9 @@ def _last_checkpoint(checkpoints: Path) -> str | None:
     return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
 
 
-def _check_resumable(out_dir: Path, key: dict[str, Any]) -> str | None:
-    """The checkpoint to continue from, refusing checkpoints of a different run."""
+def resumable_checkpoint(out_dir: Path, key: dict[str, Any], may_change: str) -> str | None:
+    """The last checkpoint in ``out_dir`` to continue from, refusing checkpoints of a run
+    with another ``key`` (``may_change`` says which settings a resume may change)."""
     checkpoint = _last_checkpoint(out_dir / CHECKPOINTS_DIR)
     if checkpoint is None:
         return None
@@ -349,7 +350,7 @@ def _check_resumable(out_dir: Path, key: dict[str, Any]) -> str | None:
     if not key_file.is_file() or json.loads(key_file.read_text()) != key:
         raise InputError(
             f"{out_dir}: its checkpoints come from a run with different settings or "
-            "instructions; use a new --out folder (only stage2.max_steps may change)"
+            f"inputs; use a new --out folder (only {may_change} may change)"
         )
     return checkpoint
 
@@ -465,7 +466,7 @@ def run(
     instructions = load_instructions(instructions_path, settings)
     deepspeed_config(settings.deepspeed)
     key = _run_key(config, instructions_path)
-    checkpoint = _check_resumable(out_dir, key)
+    checkpoint = resumable_checkpoint(out_dir, key, "stage2.max_steps")
     names = [component.scorer for component in settings.reward.components]
     composite = CompositeReward.from_settings(
         settings.reward, build_scorers(settings.scorers, names)

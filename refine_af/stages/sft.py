@@ -23,7 +23,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -37,7 +36,14 @@ from refine_af.config import RunConfig
 from refine_af.errors import InputError
 from refine_af.exports import CARD_TEMPLATE
 from refine_af.records import ExampleRecord
-from refine_af.stages.rlaf import StepCallback, deepspeed_config, forwarding_callback
+from refine_af.stages.rlaf import (
+    CHECKPOINTS_DIR,
+    RUN_KEY,
+    StepCallback,
+    deepspeed_config,
+    forwarding_callback,
+    resumable_checkpoint,
+)
 from refine_af.templates import Template, record_template, resolve_template, to_row
 
 ADAPTER_DIR = "adapter"
@@ -88,11 +94,15 @@ def build_trainer(
     config: RunConfig,
     train: Sequence[dict[str, Any]],
     evaluation: Sequence[dict[str, Any]],
-    work_dir: Path,
+    checkpoints: Path,
     tokenizer,
     callbacks: Sequence[Any] = (),
 ):
-    """trl's SFTTrainer for a LoRA on ``model.base``, loss on the completion only."""
+    """trl's SFTTrainer for a LoRA on ``model.base``, loss on the completion only.
+
+    Checkpoints go to ``checkpoints`` every ``stage4.save_steps`` steps, so a killed run
+    continues from the last one (transformers' own save and resume).
+    """
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -100,7 +110,7 @@ def build_trainer(
     settings = config.stage4
     model = models.load_causal_lm(config.model.base, dtype=config.model.dtype, device="cpu")
     args = SFTConfig(
-        output_dir=str(work_dir),
+        output_dir=str(checkpoints),
         num_train_epochs=settings.num_train_epochs,
         max_steps=settings.max_steps or -1,
         learning_rate=settings.learning_rate,
@@ -120,7 +130,9 @@ def build_trainer(
         use_cpu=config.model.device == "cpu",
         eval_strategy="epoch" if evaluation else "no",
         logging_steps=settings.logging_steps,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
         report_to="none",
         disable_tqdm=True,
     )
@@ -243,6 +255,24 @@ def _pip_requirements() -> list[str]:
     return pins
 
 
+IDENTITY_TAGS = (f"{TAG}config_hash", f"{TAG}dataset_sha256")
+
+
+def registered_version(client, name: str, tags: dict[str, str]) -> str | None:
+    """The version of ``name`` already registered from this config and dataset, if any:
+    re-running a finished stage must not add a duplicate version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for version in versions:
+        if all(version.tags.get(key) == tags[key] for key in IDENTITY_TAGS):
+            return str(version.version)
+    return None
+
+
 def register(
     config: RunConfig,
     trainer,
@@ -260,8 +290,11 @@ def register(
     import mlflow
     from huggingface_hub import ModelCard
 
-    base_location = models.resolve(config.model.base)
     name = config.stage6.model_name
+    client = tracking.connect(workspace)
+    if (existing := registered_version(client, name, tags)) is not None:
+        return existing
+    base_location = models.resolve(config.model.base)
     info = mlflow.transformers.log_model(
         transformers_model={
             "model": trainer.accelerator.unwrap_model(trainer.model),
@@ -280,7 +313,6 @@ def register(
         ),
     )
     version = str(info.registered_model_version)
-    client = tracking.connect(workspace)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     return version
@@ -363,17 +395,29 @@ def run(
         if main
         else nullcontext()
     )
-    with tracked as stage_run, tempfile.TemporaryDirectory(prefix="refine-af-sft-") as work:
+    checkpoints = out_dir / CHECKPOINTS_DIR
+    key = {
+        "model": config.model.model_dump(mode="json"),
+        "stage4": settings.model_dump(
+            mode="json", exclude={"max_steps", "register_model", "logging_steps"}
+        ),
+        "dataset_sha256": data.dataset_sha256,
+    }
+    checkpoint = resumable_checkpoint(out_dir, key, "stage4.max_steps")
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        storage.write_text(out_dir / RUN_KEY, json.dumps(key, indent=2) + "\n")
+    with tracked as stage_run:
         trainer = build_trainer(
             config,
             [to_row(e, template) for e in data.train],
             [to_row(e, template) for e in data.evaluation],
-            Path(work),
+            checkpoints,
             tokenizer,
             [forwarding_callback(stage_run, on_step)],
         )
         before = trainer.evaluate()["eval_loss"] if data.evaluation else None
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=checkpoint)
         after = final_eval_loss(trainer) if data.evaluation else None
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = out_dir / f".{ADAPTER_DIR}-staging"
@@ -395,6 +439,7 @@ def run(
             "eval_loss_before": _round(before),
             "eval_loss": _round(after),
             "run_id": stage_run.run_id,
+            "resumed_from_checkpoint": checkpoint,
             "registered_model": config.stage6.model_name if settings.register_model else None,
             "registered_version": None,
             "adapter": ADAPTER_DIR,
@@ -418,4 +463,5 @@ def run(
         storage.write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         stage_run.log_artifact(out_dir / "summary.json")
         stage_run.log_artifact(out_dir / ADAPTER_DIR / "README.md")
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is published
     return SftResult(out_dir, summary)
