@@ -223,7 +223,8 @@ def stage_rlaf(
     from refine_af.stages import rlaf
 
     run_config = _config(config, overrides)
-    rlaf.load_instructions(instructions, run_config.stage2)  # bad input stops before models load
+    limits = run_config.limits.by_field()
+    rlaf.load_instructions(instructions, run_config.stage2, limits)  # stops before models load
     err.print(f"loading scorers and policy [bold]{run_config.model.base}[/] …")
     with (
         _locked(out_dir),

@@ -579,3 +579,28 @@ def test_7_submit_to_a_silent_host_times_out_with_one_line(
     assert code == 1, err
     assert f"KFP API at {black_hole} did not accept the run within 2 s" in err
     assert "Traceback" not in err and time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("command", ["rlaf", "instances", "sft"])
+def test_5_every_stage_applies_the_limits(command, tmp_path, monkeypatch, capsys):
+    from test_sft import example_rows, write_rows
+
+    if command == "sft":
+        rows = example_rows()
+        rows[4]["output"] = "y" * 30
+        path, flag = write_rows(tmp_path / "examples.jsonl", rows), "-e"
+    else:
+        rows = [
+            InstructionRecord(
+                id=f"m{i}", instruction="Name it. " * (i + 1), is_classification=False,
+                source="machine",
+            ).model_dump(mode="json")
+            for i in range(5)
+        ]  # fmt: skip
+        path, flag = write_rows(tmp_path / "instructions.jsonl", rows), "-i"
+    sets = ["--set", "limits.max_instruction_chars=20", "--set", "limits.max_output_chars=20"]
+    code, _, err = run_cli(
+        monkeypatch, capsys, "stage", command, flag, str(path), "-o", str(tmp_path / "o"), *sets
+    )
+    assert code == 2 and f"{path}:" in err and "characters; the limit is 20" in err, err
+    assert not (tmp_path / "o").exists()

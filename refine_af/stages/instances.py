@@ -81,7 +81,7 @@ class Shard:
 
 def load_instructions(path: str | Path, config: RunConfig) -> list[InstructionRecord]:
     """Stage 1's instructions of the configured sources, in file order."""
-    every = records.read_records(path, InstructionRecord)
+    every = records.read_records(path, InstructionRecord, config.limits.by_field())
     duplicates = sorted(k for k, n in Counter(r.id for r in every).items() if n > 1)
     if duplicates:
         raise InputError(f"{path}: instruction ids must be unique; repeated: {duplicates[:5]}")

@@ -51,9 +51,11 @@ StepCallback = Callable[[int, int, dict[str, float]], None]
 # ---------------------------------------------------------------- inputs
 
 
-def load_instructions(path: str | Path, settings: RlafSettings) -> list[InstructionRecord]:
+def load_instructions(
+    path: str | Path, settings: RlafSettings, limits: records.LengthLimits | None = None
+) -> list[InstructionRecord]:
     """Stage 1's instructions (all of them, or a seeded sample of ``max_instructions``)."""
-    instructions = records.read_records(path, InstructionRecord)
+    instructions = records.read_records(path, InstructionRecord, limits)
     if not instructions:
         raise InputError(f"{path}: no instructions in the file")
     if settings.max_instructions is not None and settings.max_instructions < len(instructions):
@@ -463,7 +465,7 @@ def run(
 
     main = PartialState().is_main_process
     settings = config.stage2
-    instructions = load_instructions(instructions_path, settings)
+    instructions = load_instructions(instructions_path, settings, config.limits.by_field())
     deepspeed_config(settings.deepspeed)
     key = _run_key(config, instructions_path)
     checkpoint = resumable_checkpoint(out_dir, key, "stage2.max_steps")

@@ -55,9 +55,11 @@ RUNTIME_PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers",
 # ---------------------------------------------------------------- data
 
 
-def load_examples(path: str | Path) -> tuple[list[ExampleRecord], str]:
+def load_examples(
+    path: str | Path, limits: records.LengthLimits | None = None
+) -> tuple[list[ExampleRecord], str]:
     """Stage 3's examples and the policy (rl | base) that wrote them, all of one kind."""
-    examples = records.read_records(path, ExampleRecord)
+    examples = records.read_records(path, ExampleRecord, limits)
     if not examples:
         raise InputError(f"{path}: no examples to fine-tune on (an empty dataset)")
     kinds = sorted({e.policy for e in examples})
@@ -338,7 +340,7 @@ class Prepared:
 
 
 def prepare(config: RunConfig, examples_path: str | Path) -> Prepared:
-    examples, kind = load_examples(examples_path)
+    examples, kind = load_examples(examples_path, config.limits.by_field())
     settings = config.stage4
     train, evaluation = split_by_instruction(
         examples, settings.eval_fraction, settings.seed, str(examples_path)
