@@ -52,6 +52,7 @@ def output_lock(out_dir: str | os.PathLike[str], *, warn=None) -> Iterator[Path]
     (a callable taking a message) hears when a dead run's lock is taken over.
     """
     folder = Path(out_dir)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder / LOCK_FILE), timeout=0)
     try:
@@ -81,3 +82,8 @@ def output_lock(out_dir: str | os.PathLike[str], *, warn=None) -> Iterator[Path]
             (folder / HOLDER_FILE).unlink(missing_ok=True)
     finally:
         lock.release()
+        if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            # a run that wrote nothing (bad input found late) leaves no folder behind
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()

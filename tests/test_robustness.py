@@ -604,3 +604,13 @@ def test_5_every_stage_applies_the_limits(command, tmp_path, monkeypatch, capsys
     )
     assert code == 2 and f"{path}:" in err and "characters; the limit is 20" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_1_a_run_that_wrote_nothing_leaves_no_folder(tmp_path):
+    with pytest.raises(InputError), locking.output_lock(tmp_path / "new"):
+        raise InputError("bad input found after the lock")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    with locking.output_lock(tmp_path / "old"):
+        pass
+    assert (tmp_path / "old").is_dir()  # a folder the user made stays
