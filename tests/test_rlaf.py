@@ -354,6 +354,10 @@ def test_rerun_continues_from_the_last_checkpoint(
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["steps"] == 3
     assert summary["resumed_from_checkpoint"].endswith("checkpoint-2")
+    before = json.loads((trained / "out" / "summary.json").read_text())
+    # issue 13: the summary counts every invocation, not only the last
+    assert summary["completions_scored"] == before["completions_scored"] + 4
+    assert summary["seconds"] > before["seconds"] * 0.5
     steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "reward" in s] == [1, 2, 3]
 
