@@ -109,7 +109,7 @@ def _wait_http(url: str, what: str, container) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with urllib.request.urlopen(url, timeout=60) as response:
                 if response.status < 500:
                     return
         except OSError:
@@ -196,11 +196,16 @@ def stack(workspace: Path, mlflow_port: int = 5000) -> Iterator[Stack]:
         started.append(mlflow)
         mlflow_url = f"http://127.0.0.1:{_host_port(mlflow)}"
         _wait_http(f"{mlflow_url}/health", "the MLflow server", mlflow)
+        # The first store request initialises the backend (slow on a busy machine); the
+        # steps' reachability probe allows only seconds, so it is made here first.
+        _wait_http(
+            f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1",
+            "the MLflow server's store", mlflow,
+        )  # fmt: skip
         env = {
             **inside,
             "MLFLOW_TRACKING_URI": f"http://{mlflow_name}:5000",
             "REFINE_AF_ARTIFACT_BUCKET": BUCKET,
-            "REFINE_AF_WORKSPACE": "/kfp-workspace",
             "TOKENIZERS_PARALLELISM": "false",
         }
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -219,9 +224,10 @@ def stack(workspace: Path, mlflow_port: int = 5000) -> Iterator[Stack]:
             own_workspace(workspace)
 
 
-def docker_runner(stack_: Stack):
+def docker_runner(stack_: Stack, stage_workspace: Path):
+    """Steps as uid 1000 on the stack's network; ``stage_workspace`` must be mounted
+    (inside the pipeline root: kfp's own workspace_root is deleted after every run)."""
     from kfp import local
 
-    return local.DockerRunner(
-        network=stack_.network, user=f"{UID}:{UID}", environment=stack_.component_env
-    )
+    env = {**stack_.component_env, "REFINE_AF_WORKSPACE": str(stage_workspace)}
+    return local.DockerRunner(network=stack_.network, user=f"{UID}:{UID}", environment=env)

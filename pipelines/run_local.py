@@ -57,12 +57,15 @@ def run_in_containers(
     from pipelines.refine_af_pipeline import refine_af_pipeline
 
     workspace = workspace.resolve()
+    # Only the pipeline root is mounted into the step containers (at the same path), so
+    # the stages' own working folder lives inside it; docker would create a missing
+    # mount source as root, hence the folders are made (and handed to uid 1000) first.
+    (workspace / "kfp" / ".refine-af").mkdir(parents=True, exist_ok=True)
     with containers.stack(workspace, mlflow_port) as stack:
         containers.own_workspace(workspace)
         local.init(
-            runner=containers.docker_runner(stack),
+            runner=containers.docker_runner(stack, workspace / "kfp" / ".refine-af"),
             pipeline_root=str(workspace / "kfp"),
-            workspace_root=str(workspace),
             enable_caching=True,
         )
         refine_af_pipeline(
@@ -168,6 +171,10 @@ def main() -> None:
         except StackError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        except RuntimeError as error:  # a step failed or its container was killed
+            print(f"error: {error}\nrerun the same command to resume: finished steps are "
+                  "cached under the workspace", file=sys.stderr)  # fmt: skip
+            sys.exit(1)
         return
     run(config, args.overrides, args.shards, not args.no_baseline, args.workspace)
     model_name = load_config(config, args.overrides).stage6.model_name

@@ -269,3 +269,17 @@ def test_image_names_are_documented_and_used_by_k8s() -> None:
     assert "REFINE_AF_IMAGE_REGISTRY" in readme
     deployment = (REPO / "k8s" / "base" / "mlflow" / "deployment.yaml").read_text()
     assert "image: ghcr.io/refine-af/mlflow:0.1.0" in deployment
+
+
+def test_the_scripts_tag_and_load_the_names_the_pipeline_uses() -> None:
+    """scripts/lib.sh's image_ref (build-images.sh, kind-load.sh) == components/images.py."""
+    from components import images
+
+    names = " ".join(IMAGE_NAMES)
+    out = subprocess.run(
+        ["bash", "-c", f'source scripts/lib.sh; for n in {names}; do image_ref "$n"; echo; done'],
+        cwd=REPO, capture_output=True, text=True, check=True,
+        env={"PATH": "/usr/bin:/bin", "REFINE_AF_IMAGE_REGISTRY": images.REGISTRY,
+             "REFINE_AF_IMAGE_TAG": images.TAG},
+    ).stdout.split()  # fmt: skip
+    assert set(out) == {images.RUNTIME_CPU, images.RUNTIME_GPU, images.MLFLOW, images.S3_STANDIN}
