@@ -40,6 +40,7 @@ class Stack:
     mlflow_url: str  # from this host
     s3_url: str  # from this host
     component_env: dict[str, str]  # what component containers get
+    hosts: dict[str, str]  # container name -> address on the network
 
 
 def docker_client():
@@ -101,6 +102,11 @@ def own_workspace(workspace: Path) -> None:
 def _host_port(container, port: str = "5000/tcp") -> int:
     container.reload()
     return int(container.attrs["NetworkSettings"]["Ports"][port][0]["HostPort"])
+
+
+def _address(container, network: str) -> str:
+    container.reload()
+    return container.attrs["NetworkSettings"]["Networks"][network]["IPAddress"]
 
 
 def _wait_http(url: str, what: str, container) -> None:
@@ -172,6 +178,9 @@ def stack(workspace: Path, mlflow_port: int = 5000) -> Iterator[Stack]:
         s3_url = f"http://127.0.0.1:{_host_port(s3)}"
         _wait_http(s3_url, "the S3 stand-in (moto server)", s3)
         s3_client(s3_url).create_bucket(Bucket=BUCKET)
+        # Names go to /etc/hosts too: docker's embedded DNS takes seconds per lookup when
+        # no upstream resolver answers, longer than the steps' MLflow probe allows.
+        hosts = {s3_name: _address(s3, network.name)}
         inside = {
             "AWS_ENDPOINT_URL": f"http://{s3_name}:5000",
             "MLFLOW_S3_ENDPOINT_URL": f"http://{s3_name}:5000",
@@ -180,21 +189,23 @@ def stack(workspace: Path, mlflow_port: int = 5000) -> Iterator[Stack]:
         }
         # The cluster's server flags (k8s/base/mlflow/deployment.yaml): artifacts proxied
         # to S3; the Host header must be the container's name or localhost.
-        hosts = f"{mlflow_name},{mlflow_name}:5000,localhost,localhost:*,127.0.0.1,127.0.0.1:*"
+        allowed = f"{mlflow_name},{mlflow_name}:5000,localhost,localhost:*,127.0.0.1,127.0.0.1:*"
         mlflow = client.containers.run(
             MLFLOW,
             command=[
                 "--host", "0.0.0.0", "--port", "5000", "--serve-artifacts",
                 "--backend-store-uri", "sqlite:////data/mlflow.db",
                 "--artifacts-destination", f"s3://{BUCKET}/mlflow",
-                "--allowed-hosts", hosts,
+                "--allowed-hosts", allowed,
             ],
             name=mlflow_name, network=network.name, detach=True, user=f"{UID}:{UID}",
             environment=inside, ports={"5000/tcp": ("127.0.0.1", mlflow_port or None)},
+            extra_hosts=dict(hosts),
             volumes={str(workspace / "mlflow"): {"bind": "/data", "mode": "rw"}},
         )  # fmt: skip
         started.append(mlflow)
         mlflow_url = f"http://127.0.0.1:{_host_port(mlflow)}"
+        hosts[mlflow_name] = _address(mlflow, network.name)
         _wait_http(f"{mlflow_url}/health", "the MLflow server", mlflow)
         # The first store request initialises the backend (slow on a busy machine); the
         # steps' reachability probe allows only seconds, so it is made here first.
@@ -211,7 +222,7 @@ def stack(workspace: Path, mlflow_port: int = 5000) -> Iterator[Stack]:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             if name in os.environ:
                 env[name] = os.environ[name]
-        yield Stack(network.name, mlflow_url, s3_url, env)
+        yield Stack(network.name, mlflow_url, s3_url, env, hosts)
         mirror_bucket(s3_url, workspace / "s3" / BUCKET)
     finally:
         network.reload()
@@ -230,4 +241,6 @@ def docker_runner(stack_: Stack, stage_workspace: Path):
     from kfp import local
 
     env = {**stack_.component_env, "REFINE_AF_WORKSPACE": str(stage_workspace)}
-    return local.DockerRunner(network=stack_.network, user=f"{UID}:{UID}", environment=env)
+    return local.DockerRunner(
+        network=stack_.network, user=f"{UID}:{UID}", environment=env, extra_hosts=stack_.hosts
+    )
