@@ -218,6 +218,7 @@ def stack(workspace: Path, mlflow_port: int = 5000) -> Iterator[Stack]:
             "MLFLOW_TRACKING_URI": f"http://{mlflow_name}:5000",
             "REFINE_AF_ARTIFACT_BUCKET": BUCKET,
             "TOKENIZERS_PARALLELISM": "false",
+            "GIT_PYTHON_REFRESH": "quiet",  # no git in the image; MLflow would warn per run
         }
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             if name in os.environ:

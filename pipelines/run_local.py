@@ -48,9 +48,12 @@ def run_in_containers(
     mlflow_port: int,
 ) -> list[str]:  # fmt: skip
     """The same pipeline, every step in the runtime-cpu image; returns the S3 objects."""
-    from components.images import RUNTIME_CPU
+    import importlib
 
-    os.environ["REFINE_AF_GPU_IMAGE"] = RUNTIME_CPU  # before the components are imported
+    from components import images
+
+    os.environ["REFINE_AF_GPU_IMAGE"] = images.RUNTIME_CPU
+    importlib.reload(images)  # before the components read their image names
     from kfp import local
 
     from pipelines import containers
