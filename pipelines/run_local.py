@@ -48,17 +48,13 @@ def run_in_containers(
     mlflow_port: int,
 ) -> list[str]:  # fmt: skip
     """The same pipeline, every step in the runtime-cpu image; returns the S3 objects."""
-    import importlib
-
-    from components import images
-
-    os.environ["REFINE_AF_GPU_IMAGE"] = images.RUNTIME_CPU
-    importlib.reload(images)  # before the components read their image names
     from kfp import local
 
-    from pipelines import containers
-    from pipelines.refine_af_pipeline import refine_af_pipeline
+    from pipelines import containers, placement
+    from pipelines.refine_af_pipeline import pipeline_for
 
+    # the cpu profile: every step, GPU steps included, in the runtime-cpu image
+    refine_af_pipeline = pipeline_for(placement.from_environment(profile="cpu"))
     workspace = workspace.resolve()
     # Only the pipeline root is mounted into the step containers (at the same path), so
     # the stages' own working folder lives inside it; docker would create a missing
