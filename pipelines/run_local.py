@@ -59,8 +59,8 @@ def run_in_containers(
     # Only the pipeline root is mounted into the step containers (at the same path), so
     # the stages' own working folder lives inside it; docker would create a missing
     # mount source as root, hence the folders are made (and handed to uid 1000) first.
-    (workspace / "kfp" / ".refine-af").mkdir(parents=True, exist_ok=True)
     with containers.stack(workspace, mlflow_port) as stack:
+        (workspace / "kfp" / ".refine-af").mkdir(parents=True, exist_ok=True)
         containers.own_workspace(workspace)
         local.init(
             runner=containers.docker_runner(stack, workspace / "kfp" / ".refine-af"),
