@@ -167,7 +167,7 @@ def stack(workspace: Path, mlflow_port: int = 5000) -> Iterator[Stack]:
     own_workspace(workspace / "mlflow")
     suffix = uuid.uuid4().hex[:8]
     network = client.networks.create(f"refine-af-{suffix}", driver="bridge")
-    started = []
+    started, s3_url = [], ""
     try:
         s3_name, mlflow_name = f"refine-af-s3-{suffix}", f"refine-af-mlflow-{suffix}"
         s3 = client.containers.run(
@@ -224,8 +224,9 @@ def stack(workspace: Path, mlflow_port: int = 5000) -> Iterator[Stack]:
             if name in os.environ:
                 env[name] = os.environ[name]
         yield Stack(network.name, mlflow_url, s3_url, env, hosts)
-        mirror_bucket(s3_url, workspace / "s3" / BUCKET)
     finally:
+        if s3_url:  # what was written stays, whether or not the run finished
+            mirror_bucket(s3_url, workspace / "s3" / BUCKET)
         network.reload()
         for container in [*network.containers, *started]:
             # already gone: component containers remove themselves
