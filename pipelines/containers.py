@@ -167,7 +167,7 @@ def stack(workspace: Path, mlflow_port: int = 5000) -> Iterator[Stack]:
     own_workspace(workspace / "mlflow")
     suffix = uuid.uuid4().hex[:8]
     network = client.networks.create(f"refine-af-{suffix}", driver="bridge")
-    started, s3_url = [], ""
+    started, bucket_at = [], ""
     try:
         s3_name, mlflow_name = f"refine-af-s3-{suffix}", f"refine-af-mlflow-{suffix}"
         s3 = client.containers.run(
@@ -178,6 +178,7 @@ def stack(workspace: Path, mlflow_port: int = 5000) -> Iterator[Stack]:
         s3_url = f"http://127.0.0.1:{_host_port(s3)}"
         _wait_http(s3_url, "the S3 stand-in (moto server)", s3)
         s3_client(s3_url).create_bucket(Bucket=BUCKET)
+        bucket_at = s3_url
         # Names go to /etc/hosts too: docker's embedded DNS takes seconds per lookup when
         # no upstream resolver answers, longer than the steps' MLflow probe allows.
         hosts = {s3_name: _address(s3, network.name)}
@@ -225,8 +226,8 @@ def stack(workspace: Path, mlflow_port: int = 5000) -> Iterator[Stack]:
                 env[name] = os.environ[name]
         yield Stack(network.name, mlflow_url, s3_url, env, hosts)
     finally:
-        if s3_url:  # what was written stays, whether or not the run finished
-            mirror_bucket(s3_url, workspace / "s3" / BUCKET)
+        if bucket_at:  # what was written stays, whether or not the run finished
+            mirror_bucket(bucket_at, workspace / "s3" / BUCKET)
         network.reload()
         for container in [*network.containers, *started]:
             # already gone: component containers remove themselves
