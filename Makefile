@@ -10,7 +10,7 @@ WORKSPACE ?= workspace
 export REFINE_AF_CACHE ?= $(CURDIR)/.cache/refine-af
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup tools run compile test test-fast lint format bench images kind-load kind-up kind-e2e kind-down clean
+.PHONY: setup tools run compile test test-fast lint format bench images lock run-containers kind-load kind-up kind-e2e kind-down clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -51,8 +51,20 @@ bench: setup
 compile: setup
 	$(PY) -m pipelines.compile
 
+# Images without a container registry: locked wheelhouse, local Debian base if needed
+# (images/README.md). IMAGES picks which (default: runtime-cpu mlflow s3-standin).
 images:
-	scripts/build-images.sh
+	scripts/build-images.sh $(IMAGES)
+
+# Rewrite images/locks/*.txt from pyproject.toml (needs uv and an index).
+lock: setup
+	@$(VENV)/bin/uv --version >/dev/null 2>&1 || $(PY) -m pip install -q uv==0.13.9
+	$(PY) scripts/lock.py --uv $(VENV)/bin/uv
+
+# The same pipeline with every step in the runtime-cpu image (kfp.local.DockerRunner),
+# MLflow and an S3 stand-in in containers; everything started is removed afterwards.
+run-containers: setup images
+	$(PY) -m pipelines.run_local --runner docker --config local-cpu --workspace $(WORKSPACE)
 
 kind-load:
 	scripts/kind-load.sh

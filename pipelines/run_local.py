@@ -3,6 +3,10 @@
 The same DAG as on the cluster, executed by ``kfp.local``'s SubprocessRunner in this
 Python environment: artifacts in ``<workspace>/kfp``, MLflow in ``<workspace>/mlflow.db``
 unless ``MLFLOW_TRACKING_URI`` is set. Ends with a summary of the run.
+
+``--runner docker`` (``make run-containers``) runs every component in the runtime-cpu
+image under ``kfp.local.DockerRunner``, with MLflow and an S3 stand-in in containers
+(pipelines/containers.py); finished steps are cached, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -37,6 +41,53 @@ def run(config: str, overrides: list[str], shards: int, run_baseline: bool, work
     os.environ[tracking.PIPELINE_RUN_ENV] = f"local-{uuid.uuid4().hex}"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workspace / "kfp"))
     refine_af_pipeline(config=config, overrides=overrides, shards=shards, run_baseline=run_baseline)
+
+
+def run_in_containers(
+    config: str, overrides: list[str], shards: int, run_baseline: bool, workspace: Path,
+    mlflow_port: int,
+) -> list[str]:  # fmt: skip
+    """The same pipeline, every step in the runtime-cpu image; returns the S3 objects."""
+    from kfp import local
+
+    from pipelines import containers, placement
+    from pipelines.refine_af_pipeline import pipeline_for
+
+    # the cpu profile: every step, GPU steps included, in the runtime-cpu image
+    refine_af_pipeline = pipeline_for(placement.from_environment(profile="cpu"))
+    workspace = workspace.resolve()
+    # Only the pipeline root is mounted into the step containers (at the same path), so
+    # the stages' own working folder lives inside it; docker would create a missing
+    # mount source as root, hence the folders are made (and handed to uid 1000) first.
+    with containers.stack(workspace, mlflow_port) as stack:
+        (workspace / "kfp" / ".refine-af").mkdir(parents=True, exist_ok=True)
+        containers.own_workspace(workspace)
+        local.init(
+            runner=containers.docker_runner(stack, workspace / "kfp" / ".refine-af"),
+            pipeline_root=str(workspace / "kfp"),
+            enable_caching=True,
+        )
+        refine_af_pipeline(
+            config=config, overrides=overrides, shards=shards, run_baseline=run_baseline
+        )
+        os.environ["MLFLOW_TRACKING_URI"] = stack.mlflow_url
+        objects = containers.list_objects(stack.s3_url)
+        print(summary(workspace, load_config(config, overrides).stage6.model_name))
+        print(f"\nS3 objects written ({len(objects)}, s3://{containers.BUCKET}, mirrored to "
+              f"{workspace / 's3' / containers.BUCKET}):")  # fmt: skip
+        for prefix, count in sorted(_by_prefix(objects).items()):
+            print(f"  {prefix:<60} {count}")
+        print(f"MLflow UI during the run: {stack.mlflow_url} (the server is removed now; "
+              f"its store stays in {workspace / 'mlflow' / 'mlflow.db'})")  # fmt: skip
+    return objects
+
+
+def _by_prefix(keys: list[str], depth: int = 4) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for key in keys:
+        prefix = "/".join(key.split("/")[:depth])
+        counts[prefix] = counts.get(prefix, 0) + 1
+    return counts
 
 
 def _shown(value: object) -> str:
@@ -97,6 +148,10 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2, help="instance-generation shards")
     parser.add_argument("--no-baseline", action="store_true", help="skip the no-RL baseline")
     parser.add_argument("--workspace", type=Path, default=Path("workspace"))
+    parser.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                        help="docker: every step in the runtime-cpu image")  # fmt: skip
+    parser.add_argument("--mlflow-port", type=int, default=5000,
+                        help="with --runner docker: the MLflow UI's port (0: any)")  # fmt: skip
     args = parser.parse_args()
     config = args.config
     if Path(config).is_file():
@@ -106,6 +161,20 @@ def main() -> None:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if args.runner == "docker":
+        from pipelines.containers import StackError
+
+        try:
+            run_in_containers(config, args.overrides, args.shards, not args.no_baseline,
+                              args.workspace, args.mlflow_port)  # fmt: skip
+        except StackError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        except RuntimeError as error:  # a step failed or its container was killed
+            print(f"error: {error}\nrerun the same command to resume: finished steps are "
+                  "cached under the workspace", file=sys.stderr)  # fmt: skip
+            sys.exit(1)
+        return
     run(config, args.overrides, args.shards, not args.no_baseline, args.workspace)
     model_name = load_config(config, args.overrides).stage6.model_name
     print(summary(args.workspace, model_name))

@@ -18,7 +18,8 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 install_hint() {
   case "$1" in
-    docker) echo "Docker Engine or Docker Desktop: https://docs.docker.com/engine/install/" ;;
+    docker) echo "Docker Engine: 'apt-get install docker.io' on Debian/Ubuntu, or https://docs.docker.com/engine/install/" ;;
+    mmdebstrap) echo "mmdebstrap (builds the base image from Debian's archive): 'apt-get install mmdebstrap'" ;;
     kind) echo "kind: https://kind.sigs.k8s.io/docs/user/quick-start/#installation (a single binary from its release page)" ;;
     kubectl) echo "kubectl: https://kubernetes.io/docs/tasks/tools/#kubectl" ;;
     git) echo "git (kustomize fetches the Kubeflow Pipelines manifests with it): 'sudo apt-get install git' or https://git-scm.com/downloads" ;;
@@ -49,6 +50,9 @@ require_docker_daemon() {
   docker info >/dev/null 2>&1 \
     || die "docker is installed but its daemon does not answer ('docker info' fails); start Docker and retry. Nothing was changed."
 }
+
+# base_image_ref : the Debian + Python base built locally by scripts/base-image.sh.
+base_image_ref() { printf '%s' "${REFINE_AF_BASE_IMAGE:-refine-af/base:bookworm-py3.11}"; }
 
 # image_ref NAME : the reference images are built and loaded under.
 image_ref() { printf '%s/%s:%s' "$REFINE_AF_IMAGE_REGISTRY" "$1" "$REFINE_AF_IMAGE_TAG"; }

@@ -33,6 +33,7 @@ def test_expected_scripts_exist() -> None:
         "kind-down.sh",
         "kind-load.sh",
         "build-images.sh",
+        "base-image.sh",
         "minikube-up.sh",
         "minikube-down.sh",
     } <= names
@@ -177,6 +178,29 @@ def test_other_scripts_report_missing_tools(tmp_path: Path, script: str, missing
     assert _snapshot(root) == before
 
 
+@pytest.mark.parametrize(
+    ("script", "missing"), [("build-images.sh", "docker"), ("base-image.sh", "docker mmdebstrap")]
+)
+def test_image_scripts_exit_2_naming_the_install_command(tmp_path: Path, script, missing) -> None:
+    root, bin_dir = _sandbox(tmp_path)
+    proc = _run(root / "scripts" / script, bin_dir, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"missing prerequisite(s): {missing}" in proc.stderr
+    assert "apt-get install" in proc.stderr
+
+
+def test_build_images_exits_2_when_the_daemon_is_down(tmp_path: Path) -> None:
+    root, bin_dir = _sandbox(tmp_path)
+    calls = tmp_path / "calls.log"
+    _fake_tool(bin_dir, "docker", calls, exit_code=1)
+    before = _snapshot(root)
+    proc = _run(root / "scripts" / "build-images.sh", bin_dir, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "daemon does not answer" in proc.stderr and "fix: start it" in proc.stderr
+    assert calls.read_text().splitlines() == ["docker info"]  # no build, no tag
+    assert _snapshot(root) == before
+
+
 # ---------------------------------------------------------------- bash 3.2
 
 # Features newer than bash 3.2, the /bin/bash of macOS (no bash 3.2 package exists for
@@ -297,21 +321,25 @@ def test_kind_load_loads_exactly_what_the_cpu_pipeline_names(tmp_path: Path) -> 
 
 
 def test_build_images_without_extra_args_passes_none(tmp_path: Path) -> None:
-    root, bin_dir, calls = _stubbed(tmp_path, "docker")
-    for name in ("runtime-cpu", "mlflow"):
-        (root / "images" / name).mkdir(parents=True)
-        (root / "images" / name / "Dockerfile").write_text("FROM scratch\n")
-    proc = _run(root / "scripts" / "build-images.sh", bin_dir, cwd=tmp_path, env={})
+    """Each image builds from its own wheelhouse context on the given base; no stray
+    arguments when DOCKER_BUILD_ARGS is unset (bash 3.2 and empty arrays)."""
+    root, bin_dir, calls = _stubbed(tmp_path, "docker", "python3")
+    shutil.copytree(REPO / "images", root / "images")
+    for tool in ("mkdir", "cp", "rm", "touch", "sha256sum", "cut", "sed", "awk", "timeout"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {"BASE_IMAGE": "local/base:1"}
+    proc = _run(root / "scripts" / "build-images.sh", bin_dir, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     builds = [line for line in calls.read_text().splitlines() if line.startswith("docker build")]
-    assert len(builds) == 2
-    assert builds[0] == (
-        f"docker build -f {root}/images/runtime-cpu/Dockerfile "
-        f"-t ghcr.io/refine-af/runtime-cpu:0.1.0 {root}"
-    )
+    assert builds == [
+        f"docker build --build-arg BASE_IMAGE=local/base:1 -f {root}/images/{name}/Dockerfile "
+        f"-t ghcr.io/refine-af/{name}:0.1.0 {root}/.wheelhouse/{name}"
+        for name in ("runtime-cpu", "mlflow", "s3-standin")
+    ]
+    assert (root / ".wheelhouse" / "runtime-cpu" / "deps" / "cpu.txt").is_file()
     proc = _run(root / "scripts" / "build-images.sh", bin_dir, cwd=tmp_path,
-                env={"DOCKER_BUILD_ARGS": "--build-arg WITH_VLLM=1"})  # fmt: skip
-    assert "docker build --build-arg WITH_VLLM=1 -f" in calls.read_text()
+                env={**env, "DOCKER_BUILD_ARGS": "--no-cache"})  # fmt: skip
+    assert "docker build --no-cache --build-arg BASE_IMAGE=local/base:1 -f" in calls.read_text()
 
 
 def test_kind_up_applies_the_overlay_and_waits_for_in_cluster_credentials(tmp_path: Path) -> None:
