@@ -19,7 +19,7 @@ from rich.table import Table
 
 from refine_af import __version__
 from refine_af.config import RunConfig, load_config, preset_names
-from refine_af.errors import InputError, TrackingUnavailable
+from refine_af.errors import EndpointUnavailable, InputError, TrackingUnavailable
 
 if TYPE_CHECKING:
     from refine_af.stages.evaluate import EvaluateOutcome
@@ -788,6 +788,9 @@ def main() -> None:
     except (InputError, TrackingUnavailable) as error:
         err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except EndpointUnavailable as error:  # the environment, not the input
+        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

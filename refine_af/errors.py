@@ -10,3 +10,13 @@ class InputError(Exception):
 
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking store cannot be reached; the message names its URI."""
+
+
+class EndpointUnavailable(RuntimeError):
+    """A generation server failed after the client's retries; the message names URL and model.
+
+    An environment failure, not bad input: the CLI exits 1, and the stage has written nothing.
+    ``status_code`` is the server's HTTP answer, None when it could not be reached.
+    """
+
+    status_code: int | None = None

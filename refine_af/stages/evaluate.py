@@ -18,16 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refine_af import comparison, models, records, report, storage, superni, tracking
+from refine_af import comparison, models, records, report, storage, superni, threads, tracking
 from refine_af.comparison import Comparison
 from refine_af.config import RunConfig
 from refine_af.errors import InputError
-from refine_af.generation import (
-    Completion,
-    GenerationBackend,
-    SamplingParams,
-    TransformersBackend,
-)
+from refine_af.generation import Completion, GenerationBackend, SamplingParams, backend_for
 from refine_af.superni import EvaluationResult, SuperNIInstance
 
 CANDIDATE, BASELINE = "candidate", "baseline"
@@ -100,14 +95,7 @@ def evaluate_model(
     on_batch: Callable[[int], None],
 ) -> tuple[EvaluationResult, list[dict[str, Any]]]:
     """Score one model on the instances; returns its result and one row per prediction."""
-    tokenizer = models.load_tokenizer(reference)
-    model = models.load_causal_lm(
-        reference,
-        dtype=config.model.dtype,
-        device=config.model.device,
-        expected_base=config.model.base,
-    )
-    backend = TransformersBackend(tokenizer, model, batch_size=config.stage5.batch_size)
+    backend = backend_for(config, reference, batch_size=config.stage5.batch_size)
     completions = generate(backend, instances, config, on_batch)
     predictions = [completion.text.strip() for completion in completions]
     scores = [
@@ -196,6 +184,7 @@ def run(
     ``deltas.png``; logs all of them with the scores to MLflow. ``on_start`` and
     ``on_progress`` see each model's instance count and progress (progress display).
     """
+    threads.use_share_of_cores()
     settings = config.stage5
     subjects = {CANDIDATE: candidate} | ({BASELINE: baseline} if baseline else {})
     results = {

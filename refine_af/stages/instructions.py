@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from refine_af import records, storage, tracking
+from refine_af import records, storage, threads, tracking
 from refine_af.config import InstructionsSettings, RunConfig
 from refine_af.data import seed_tasks_path
 from refine_af.errors import InputError
@@ -397,6 +397,7 @@ def execute(
     on_round: Callable[[Bootstrap], None] | None = None,
 ) -> InstructionsResult:
     """Check the seed input, then load the configured model and run the stage."""
+    threads.use_share_of_cores()
     load_seeds(config.stage1)
     backend = backend_for(config)
     return run(
