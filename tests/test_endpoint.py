@@ -95,7 +95,14 @@ def test_temperature_0_completions_equal_in_process(
     remote = endpoint.generate(prompts, params, chat=chat)
     local = in_process.generate(prompts, params, chat=chat)
     assert [c.text for c in remote] == [c.text for c in local]
-    assert [c.finish_reason for c in remote] == [c.finish_reason for c in local]
+    # The one tolerated difference: transformers serve says "length" whenever its token
+    # count reaches max_tokens (its completion handler's hit_max), even when a stop string
+    # ended the text at that last token; the texts are equal all the same.
+    near_limit = [c.num_tokens >= params.max_new_tokens - 1 for c in local]
+    assert [r.finish_reason for r, near in zip(remote, near_limit, strict=True) if not near] == [
+        c.finish_reason for c, near in zip(local, near_limit, strict=True) if not near
+    ]
+    assert not all(near_limit)
 
 
 @pytest.mark.integration
