@@ -44,7 +44,8 @@ class EndpointSettings(Section):
 
     base_url: str = Field("", description="e.g. http://vllm:8000/v1; required for backend openai")
     model: str = Field(
-        "", description="served name of model.base; empty = model.base (a builtin alias: its folder)"
+        "",
+        description="served name of model.base; empty = model.base (a builtin alias: its folder)",
     )
     server: Literal["vllm", "transformers"] = Field(
         "vllm",

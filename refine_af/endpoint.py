@@ -10,8 +10,9 @@ Servers differ in two ways that matter here, so the configuration names the serv
   base (``--enable-lora``), registered at run time through ``/v1/load_lora_adapter``.
 - ``transformers serve`` returns no logprobs (its ``/v1/completions`` and chat endpoints
   ignore ``logprobs``; its ``/v1/systemone`` typed decisions answer with the prompts of
-  transformers' ``DecisionPipeline``, not ours), so the judge stays in-process. It loads any
-  model a request names, so an adapter folder on the same disk is served as itself.
+  transformers' ``DecisionPipeline``, not ours), so the judge stays in-process; and it loads
+  full model folders only (an adapter folder has no config.json), so a step that generates
+  with an adapter falls back to in-process generation and says so.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ TOP_LOGPROBS = 20
 @dataclass(frozen=True)
 class ServerTraits:
     logprobs: bool
-    runtime_adapters: bool  # LoRA adapters registered by name (vLLM); else named by path
+    runtime_adapters: bool  # LoRA adapters registered at run time and named as the model
     repetition_penalty_field: str  # transformers serve maps frequency_penalty f to 1 + f
 
 
@@ -78,9 +79,7 @@ class OpenAIBackend:
             timeout=settings.timeout,
             max_retries=settings.max_retries,
         )
-        return cls(
-            client, model, server=settings.server, max_concurrency=settings.max_concurrency
-        )
+        return cls(client, model, server=settings.server, max_concurrency=settings.max_concurrency)
 
     @property
     def url(self) -> str:
@@ -104,7 +103,7 @@ class OpenAIBackend:
         raise error
 
     def _in_order(self, work: Callable[[int], T], count: int) -> list[T]:
-        """work(0..count-1) with up to max_concurrency in flight; the first failure cancels the rest."""
+        """work(0 … count-1), up to max_concurrency at once; a failure cancels what is queued."""
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, max(count, 1))) as pool:
             futures = [pool.submit(work, i) for i in range(count)]
             try:
@@ -165,7 +164,9 @@ class OpenAIBackend:
         question (stage 1) but is no graded score, so the judge does not use it.
         """
         if not self.traits.logprobs:
-            answers = self.generate(prompts, SamplingParams(max_new_tokens=2, temperature=0.0), chat=chat)
+            answers = self.generate(
+                prompts, SamplingParams(max_new_tokens=2, temperature=0.0), chat=chat
+            )
             return [_worded_share(a.text) for a in answers]
 
         def one(index: int) -> float:
@@ -262,17 +263,21 @@ def endpoint_for(config: RunConfig, reference: str) -> OpenAIBackend | None:
     backend = OpenAIBackend.from_settings(settings, served_base(config))
     if reference == config.model.base:
         return backend
+    if not backend.traits.runtime_adapters:
+        print(
+            f"{settings.server} serve cannot serve LoRA adapters: generating with {reference} "
+            "in-process",
+            file=sys.stderr,
+        )
+        return None
     try:
-        if backend.traits.runtime_adapters:
-            backend.model = backend.load_adapter(reference)
-        else:
-            backend.model = models.resolve(reference)
+        backend.model = backend.load_adapter(reference)
         backend.generate(["Hello"], SamplingParams(max_new_tokens=1, temperature=0.0))
     except EndpointUnavailable as err:
         if err.status_code is None:  # unreachable: no fallback hides that
             raise
         print(
-            f"the endpoint cannot serve adapter {reference} ({err}); generating in-process",
+            f"{backend.url} cannot serve adapter {reference} ({err}); generating in-process",
             file=sys.stderr,
         )
         return None

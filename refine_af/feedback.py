@@ -219,7 +219,10 @@ class JudgeScorer:
 
 
 def build_scorers(
-    settings: ScorerSettings, names: Sequence[str], *, judge_backend: GenerationBackend | None = None
+    settings: ScorerSettings,
+    names: Sequence[str],
+    *,
+    judge_backend: GenerationBackend | None = None,
 ) -> dict[str, Scorer]:
     """The named scorers, each family's model loaded once (only families that are named).
 

@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from cli_runner import run_cli
@@ -25,8 +26,9 @@ from cli_runner import run_cli
 from refine_af import records
 from refine_af.config import EndpointSettings, load_config
 from refine_af.data import seed_tasks_path
-from refine_af.endpoint import OpenAIBackend, endpoint_for, yes_share
-from refine_af.generation import SamplingParams, TransformersBackend
+from refine_af.endpoint import OpenAIBackend, yes_share
+from refine_af.errors import InputError
+from refine_af.generation import SamplingParams, TransformersBackend, backend_for
 from refine_af.instances_format import build_prompt
 from refine_af.records import SeedTask
 
@@ -66,8 +68,11 @@ def served(bundled_model_dir: Path) -> Iterator[str]:
 
 
 def endpoint_overrides(base_url: str, **extra: object) -> list[str]:
-    settings = {"base_url": base_url, "server": "transformers", "max_retries": 1, **extra}
-    return ["generation.backend=openai", *(f"generation.endpoint.{k}={v}" for k, v in settings.items())]
+    settings = {"base_url": base_url, "server": "transformers", "max_retries": 1} | extra
+    return [
+        "generation.backend=openai",
+        *(f"generation.endpoint.{k}={v}" for k, v in settings.items()),
+    ]
 
 
 def stage3_prompts(count: int) -> list[str]:
@@ -150,22 +155,85 @@ def test_stage5_through_the_server_scores_as_in_process(
     assert predictions("remote") == predictions("local")
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_adapter_is_served_by_path(
-    served: str, tiny_lora_adapter_dir: Path, tiny_causal_lm_dir: Path
+def test_adapter_falls_back_in_process_where_the_server_cannot_serve_it(
+    tiny_lora_adapter_dir: Path, tiny_causal_lm_dir: Path, capsys
 ) -> None:
+    """transformers serve loads full model folders only; nothing is sent to it."""
     config = load_config(
         "local-cpu",
-        [f"model.base={tiny_causal_lm_dir}", *endpoint_overrides(served)],
+        [f"model.base={tiny_causal_lm_dir}", *endpoint_overrides("http://127.0.0.1:9/v1")],
     )
-    backend = endpoint_for(config, str(tiny_lora_adapter_dir))
-    assert backend is not None and backend.model == str(tiny_lora_adapter_dir)
-    params = SamplingParams(max_new_tokens=6, temperature=0.0)
-    local = TransformersBackend.from_reference(str(tiny_lora_adapter_dir), device="cpu")
-    assert [c.text for c in backend.generate(["Hello there"], params)] == [
-        c.text for c in local.generate(["Hello there"], params)
-    ]
+    backend = backend_for(config, str(tiny_lora_adapter_dir))
+    assert isinstance(backend, TransformersBackend)
+    assert f"generating with {tiny_lora_adapter_dir} in-process" in capsys.readouterr().err
+    assert isinstance(backend_for(config), OpenAIBackend)
+
+
+class AdapterServer(http.server.BaseHTTPRequestHandler):
+    """vLLM's adapter route and completions, as far as the backend uses them: records the
+    adapter it is asked to load, or refuses it (400) like a vLLM that cannot read the path."""
+
+    refuse = False
+    loaded: ClassVar[list[dict]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path.endswith("/load_lora_adapter"):
+            if self.refuse:
+                self._answer(400, {"message": "cannot read the adapter"})
+                return
+            type(self).loaded.append(body)
+            self._answer(200, "ok")
+            return
+        known = {entry["lora_name"] for entry in self.loaded}
+        if body["model"] not in known:
+            self._answer(404, {"message": f"model {body['model']} does not exist"})
+            return
+        self._answer(200, {
+            "id": "1", "object": "text_completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "text": "Hi", "finish_reason": "length", "logprobs": None}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        })  # fmt: skip
+
+    def _answer(self, status: int, payload: object) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_vllm_adapter_is_loaded_and_named_as_the_model(
+    refuse: bool, tiny_lora_adapter_dir: Path, tiny_causal_lm_dir: Path, capsys
+) -> None:
+    handler = type("Handler", (AdapterServer,), {"refuse": refuse, "loaded": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        config = load_config(
+            "local-cpu",
+            [
+                f"model.base={tiny_causal_lm_dir}",
+                *endpoint_overrides(url, server="vllm", max_retries=0),
+            ],
+        )
+        backend = backend_for(config, str(tiny_lora_adapter_dir))
+    finally:
+        server.shutdown()
+        server.server_close()
+    if refuse:
+        assert isinstance(backend, TransformersBackend)
+        assert "cannot serve adapter" in capsys.readouterr().err
+    else:
+        [loaded] = handler.loaded
+        assert loaded["lora_path"] == str(tiny_lora_adapter_dir)
+        assert isinstance(backend, OpenAIBackend) and backend.model == loaded["lora_name"]
 
 
 # ---------------------------------------------------------------- failures
@@ -177,7 +245,7 @@ class FailingHandler(http.server.BaseHTTPRequestHandler):
     mode = "500"
     requests = 0
 
-    def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+    def do_POST(self) -> None:
         type(self).requests += 1
         if self.mode == "slow":
             time.sleep(3)  # the client has given up by then
@@ -263,8 +331,5 @@ def test_yes_share_adds_both_spellings() -> None:
 
 
 def test_endpoint_backend_needs_a_url() -> None:
-    from refine_af.errors import InputError
-
-    with pytest.raises(InputError, match="needs endpoint.base_url"):
+    with pytest.raises(InputError, match=r"needs endpoint\.base_url"):
         load_config("local-cpu", ["generation.backend=openai"])
-

@@ -776,7 +776,9 @@ def test_serving_overlay_runs_vllm_with_lora_on_a_gpu(rendered) -> None:
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     claim = volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"]
-    assert any(o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == claim for o in objs)
+    assert any(
+        o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == claim for o in objs
+    )
     env = {e["name"]: e for e in container["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "True"

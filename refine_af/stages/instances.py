@@ -28,8 +28,8 @@ from pydantic import ValidationError
 
 from refine_af import exports, models, postprocess, records, storage, threads, tracking
 from refine_af.config import RunConfig
-from refine_af.errors import InputError
 from refine_af.endpoint import judge_endpoint
+from refine_af.errors import InputError
 from refine_af.feedback import NONFINITE, CompositeReward, RewardBatch, build_scorers
 from refine_af.generation import GenerationBackend, SamplingParams, backend_for
 from refine_af.instances_format import STOP, Parsed, build_prompt
