@@ -63,14 +63,21 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{seconds % 60:04.1f}"
 
 
-def check_inputs(config: str, overrides: list[str], shards: int) -> None:
+def check_inputs(config: str, overrides: list[str], shards: int, endpoint: str = "") -> None:
     """Bad input stops here, before any component runs."""
     if shards < 1:
         raise InputError(f"--shards must be at least 1, got {shards}")
-    load_config(config, overrides)
+    load_config(config, overrides, generation_endpoint=endpoint)
 
 
-def run(config: str, overrides: list[str], shards: int, run_baseline: bool, workspace: Path):
+def run(
+    config: str,
+    overrides: list[str],
+    shards: int,
+    run_baseline: bool,
+    workspace: Path,
+    generation_endpoint: str = "",
+):
     from kfp import local
 
     from pipelines.refine_af_pipeline import refine_af_pipeline
@@ -83,7 +90,13 @@ def run(config: str, overrides: list[str], shards: int, run_baseline: bool, work
     # the shards of one ParallelFor share this host's cores (threads.use_share_of_cores)
     os.environ[threads.PARALLEL_SHARDS_ENV] = str(min(shards, LOCAL_PARALLELISM))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workspace / "kfp"))
-    refine_af_pipeline(config=config, overrides=overrides, shards=shards, run_baseline=run_baseline)
+    refine_af_pipeline(
+        config=config,
+        overrides=overrides,
+        shards=shards,
+        run_baseline=run_baseline,
+        generation_endpoint=generation_endpoint,
+    )
 
 
 def _shown(value: object) -> str:
@@ -130,19 +143,29 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2, help="instance-generation shards")
     parser.add_argument("--no-baseline", action="store_true", help="skip the no-RL baseline")
     parser.add_argument("--workspace", type=Path, default=Path("workspace"))
+    parser.add_argument("--generation-endpoint", default="",
+                        help="OpenAI-compatible server for stages 1, 3 and 5, e.g. "
+                        "http://127.0.0.1:8000/v1 (default: in-process)")  # fmt: skip
     args = parser.parse_args()
     config = args.config
     if Path(config).is_file():
         config = Path(config).read_text()  # the pipeline parameter carries YAML text
     try:
-        check_inputs(config, args.overrides, args.shards)
+        check_inputs(config, args.overrides, args.shards, args.generation_endpoint)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     clock = StepClock()
     logging.getLogger().addFilter(clock)
     started = time.monotonic()
-    run(config, args.overrides, args.shards, not args.no_baseline, args.workspace)
+    run(
+        config,
+        args.overrides,
+        args.shards,
+        not args.no_baseline,
+        args.workspace,
+        args.generation_endpoint,
+    )
     total = time.monotonic() - started
     model_name = load_config(config, args.overrides).stage6.model_name
     print(summary(args.workspace, model_name))

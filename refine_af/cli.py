@@ -679,6 +679,10 @@ def submit(
     service_account: Annotated[str | None, typer.Option(help="pods' ServiceAccount")] = None,
     wait: Annotated[bool, typer.Option(help="wait for the run to finish")] = False,
     timeout: Annotated[int, typer.Option(help="seconds to wait with --wait")] = 7200,
+    generation_endpoint: Annotated[
+        str,
+        typer.Option(help="OpenAI-compatible server (vLLM) for stages 1, 3, 5; default in-process"),
+    ] = "",
 ) -> None:
     """Compile the pipeline for the cluster and submit it to Kubeflow Pipelines.
 
@@ -722,7 +726,7 @@ def submit(
         try:
             _submit_and_wait(
                 host, experiment, run_config, package, shards, baseline, gpus,
-                service_account, timeout if wait else None,
+                service_account, timeout if wait else None, generation_endpoint,
             )  # fmt: skip
         except submission.SubmitFailed as error:
             err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
@@ -730,7 +734,16 @@ def submit(
 
 
 def _submit_and_wait(
-    host, experiment, run_config, package, shards, baseline, gpus, service_account, timeout
+    host,
+    experiment,
+    run_config,
+    package,
+    shards,
+    baseline,
+    gpus,
+    service_account,
+    timeout,
+    generation_endpoint="",
 ) -> None:
     """Create the run; with a timeout, wait and raise SubmitFailed unless it succeeds."""
     import kfp
@@ -747,6 +760,7 @@ def _submit_and_wait(
                 "shards": shards,
                 "run_baseline": baseline,
                 "gpus": gpus,
+                "generation_endpoint": generation_endpoint,
             },
             experiment_name=experiment,
             run_name=f"{run_config.name}-{run_config.config_hash()}",

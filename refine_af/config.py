@@ -433,14 +433,24 @@ def _validation_message(err: ValidationError, origin: str) -> str:
 
 
 def load_config(
-    source: str = "local-cpu", overrides: list[str] | None = None, *, base_model: str = ""
+    source: str = "local-cpu",
+    overrides: list[str] | None = None,
+    *,
+    base_model: str = "",
+    generation_endpoint: str = "",
 ) -> RunConfig:
     """Validated config from a preset name or YAML path plus ``section.key=value`` overrides.
 
-    ``base_model``, when given, replaces ``model.base`` (a pipeline parameter of its own).
+    ``base_model``, when given, replaces ``model.base``; ``generation_endpoint``, when given,
+    sends generation to that OpenAI-compatible server (pipeline parameters of their own).
     """
     data, origin = _read_yaml(source)
     extra = [f"model.base={base_model}"] if base_model else []
+    if generation_endpoint:
+        extra += [
+            "generation.backend=openai",
+            f"generation.endpoint.base_url={generation_endpoint}",
+        ]
     data = apply_overrides(data, [*(overrides or []), *extra])
     try:
         return RunConfig.model_validate(data)
