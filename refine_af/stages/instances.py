@@ -428,7 +428,8 @@ def execute(
     load_instructions(instructions_path, config)
     check_adapter(config)
     names = [c.scorer for c in config.stage2.reward.components]
-    scorers = build_scorers(config.stage2.scorers, names, judge_backend=judge_endpoint(config))
+    judge = judge_endpoint(config) if any(n.startswith("llm_judge.") for n in names) else None
+    scorers = build_scorers(config.stage2.scorers, names, judge_backend=judge)
     reward = CompositeReward.from_settings(config.stage2.reward, scorers)
     backend = backend_for(config, policy_reference(config))
     return run(
