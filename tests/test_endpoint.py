@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import math
 import os
 import socket
 import subprocess
@@ -26,10 +27,11 @@ from cli_runner import run_cli
 from refine_af import records
 from refine_af.config import EndpointSettings, load_config
 from refine_af.data import seed_tasks_path
-from refine_af.endpoint import OpenAIBackend, yes_share
+from refine_af.endpoint import TOP_LOGPROBS, OpenAIBackend, yes_share
 from refine_af.errors import InputError
+from refine_af.feedback import JudgeScorer
 from refine_af.generation import SamplingParams, TransformersBackend, backend_for
-from refine_af.instances_format import build_prompt
+from refine_af.instances_format import Instance, build_prompt
 from refine_af.records import SeedTask
 
 SERVE = Path(sys.executable).with_name("transformers")
@@ -321,6 +323,39 @@ def test_wrong_model_name_exits_1(
     assert code == 1
     assert served in err and "'no-such/model'" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+class LogprobsServer(AdapterServer):
+    """vLLM's /v1/completions answer with top logprobs at the one answer token."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["max_tokens"] == 1 and body["logprobs"] == TOP_LOGPROBS
+        top = {" Yes": -0.5, " No": -1.5, "No": -4.0, " Maybe": -2.0}
+        logprobs = {"tokens": [" Yes"], "token_logprobs": [-0.5], "top_logprobs": [top],
+                    "text_offset": [0]}  # fmt: skip
+        self._answer(200, {
+            "id": "1", "object": "text_completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "text": " Yes", "finish_reason": "length",
+                         "logprobs": logprobs}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        })  # fmt: skip
+
+
+def test_judge_reads_p_yes_from_completion_logprobs() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LogprobsServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = EndpointSettings(
+            base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", server="vllm"
+        )
+        judge = JudgeScorer(OpenAIBackend.from_settings(settings, "m"), "coherence", chat=False)
+        scores = judge.score([Instance("Sort 3, 1.", "", "1, 3")] * 3)
+    finally:
+        server.shutdown()
+        server.server_close()
+    yes, no = math.exp(-0.5), math.exp(-1.5) + math.exp(-4.0)
+    assert scores == [pytest.approx(yes / (yes + no))] * 3
 
 
 def test_yes_share_adds_both_spellings() -> None:
