@@ -2,7 +2,8 @@
 
 seeds → instructions → rlaf → instances (ParallelFor over shards, RL policy) → merge →
 sft → evaluate → promote; with ``run_baseline`` the same run builds the no-RL baseline
-(instances with the base policy → merge → sft) and evaluate compares the two.
+(instances with the base policy → merge → sft, registered with the ``baseline`` alias),
+evaluate compares the two, and promote gates the RL model on the baseline and the champion.
 """
 
 from kfp import dsl, kubernetes
@@ -91,15 +92,18 @@ def write_instances(run, pool, indices, shards, endpoint, policy=None):
     return merged
 
 
-def fine_tune(run, parent, dataset, register: bool, gpus):
+def fine_tune(run, parent, dataset, gpus):
+    """Stage 4, registered: the RL model and the baseline are both versions the gate reads."""
     task = sft(
-        **run, parent_run_id=parent, register=register, processes=processes(gpus), dataset=dataset
+        **run, parent_run_id=parent, register=True, processes=processes(gpus), dataset=dataset
     )
     return on_gpu(on_cluster(task, "train", cache=False), gpus)
 
 
-def compare(run, parent, candidate, version, endpoint, baseline=None):
-    kwargs = {"baseline": baseline} if baseline is not None else {}
+def compare(run, parent, candidate, version, endpoint, baseline=None, baseline_version=None):
+    kwargs = {}
+    if baseline is not None:
+        kwargs = {"baseline": baseline, "baseline_version": baseline_version}
     task = evaluate(
         **run,
         parent_run_id=parent,
@@ -163,22 +167,16 @@ def refine_af_dag(
     rl_data = write_instances(
         run, pool, fan_out.output, shards, endpoint, policy=stage2.outputs["policy"]
     )
-    rl_model = fine_tune(run, parent, rl_data.outputs["dataset"], register=True, gpus=gpus)
+    rl_model = fine_tune(run, parent, rl_data.outputs["dataset"], gpus=gpus)
     version = rl_model.outputs["Output"]
 
     with dsl.If(run_baseline == True):  # noqa: E712 - a KFP condition, not a Python test
         base_data = write_instances(run, pool, fan_out.output, shards, endpoint)
-        base_model_task = fine_tune(
-            run, parent, base_data.outputs["dataset"], register=False, gpus=gpus
-        )
+        base_model_task = fine_tune(run, parent, base_data.outputs["dataset"], gpus=gpus)
         compared = compare(
-            run,
-            parent,
-            rl_model.outputs["model"],
-            version,
-            endpoint,
-            base_model_task.outputs["model"],
-        )
+            run, parent, rl_model.outputs["model"], version, endpoint,
+            base_model_task.outputs["model"], base_model_task.outputs["Output"],
+        )  # fmt: skip
         finish(
             run, parent, version, kept, rl_data.outputs["Output"],
             compared.outputs["Output"], base_data.outputs["Output"],

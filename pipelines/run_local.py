@@ -115,18 +115,32 @@ def summary(workspace: Path, model_name: str) -> str:
         max_results=1,
     )
     metrics = runs[0].data.metrics if runs else {}
+    run_tags = runs[0].data.tags if runs else {}
     model = client.get_registered_model(model_name)
     versions = client.search_model_versions(f"name = '{model_name}'")
-    latest = max(versions, key=lambda v: int(v.version))
-    aliases = sorted(a for a, v in model.aliases.items() if str(v) == str(latest.version))
+    if runs:  # this run's versions, by their lineage tag
+        run_id = runs[0].info.run_id
+        versions = [v for v in versions if v.tags.get("refine_af.parent_run_id") == run_id]
+
+    def registered(policy: str) -> str | None:
+        mine = [v for v in versions if v.tags.get("refine_af.policy") == policy]
+        if not mine:
+            return None
+        latest = max(mine, key=lambda v: int(v.version)).version
+        aliases = sorted(a for a, v in model.aliases.items() if str(v) == str(latest))
+        return f"{model_name} v{latest} ({', '.join(aliases) or '-'})"
+
     rows = [
         ("instructions kept", metrics.get("instructions_kept")),
         ("mean reward, base policy", metrics.get("mean_reward_base_policy")),
         ("mean reward, RL policy", metrics.get("mean_reward_rl_policy")),
         ("SuperNI ROUGE-L, candidate", metrics.get("candidate_rougeL")),
         ("SuperNI ROUGE-L, baseline", metrics.get("baseline_rougeL")),
-        ("% tasks improved over baseline", metrics.get("pct_tasks_improved")),
-        ("registered model", f"{model_name} v{latest.version} ({', '.join(aliases) or '-'})"),
+        ("% tasks improved over baseline", metrics.get("pct_tasks_improved_over_baseline")),
+        ("% tasks improved over champion", metrics.get("pct_tasks_improved_over_champion")),
+        ("registered model", registered("rl")),
+        ("registered baseline", registered("base")),
+        ("promotion", run_tags.get("refine_af.promotion")),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {_shown(value)}" for name, value in rows]

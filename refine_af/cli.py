@@ -408,6 +408,13 @@ def stage_evaluate(
             "with the scores and point the challenger alias at it"
         ),
     ] = None,
+    baseline_version: Annotated[
+        str | None,
+        typer.Option(
+            help="the --baseline is this version of stage6.model_name (the run's no-RL "
+            "baseline): tag it with its scores, alias it baseline, and gate --version on it"
+        ),
+    ] = None,
     tasks: Annotated[
         int | None, typer.Option(min=1, help="evaluate N tasks (seeded sample; stage5.tasks)")
     ] = None,
@@ -436,9 +443,12 @@ def stage_evaluate(
         extra.append(f"stage5.data={data}")
     run_config = _config(config, [*(overrides or []), *extra])
     registry = None
+    if baseline_version is not None and (baseline is None or version is None):
+        raise InputError("--baseline-version needs --baseline (its model) and --version")
     if version is not None:  # an unknown version stops before any model loads
         registry = tracking.connect(workspace)
-        register.require_version(registry, run_config.stage6.model_name, version)
+        for number in filter(None, (version, baseline_version)):
+            register.require_version(registry, run_config.stage6.model_name, number)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -466,7 +476,12 @@ def stage_evaluate(
     out.print(_evaluation_table(outcome))
     if registry is not None:
         name = run_config.stage6.model_name
-        register.mark_challenger(registry, name, version, outcome.results[evaluate.CANDIDATE])
+        if baseline_version is not None:
+            baseline_result = outcome.results[evaluate.BASELINE]
+            register.mark_baseline(registry, name, baseline_version, baseline_result)
+            out.print(f"{name} version {baseline_version} → alias [bold]{register.BASELINE}[/]")
+        candidate_result = outcome.results[evaluate.CANDIDATE]
+        register.mark_challenger(registry, name, version, candidate_result, baseline_version)
         out.print(f"{name} version {version} → alias [bold]{register.CHALLENGER}[/]")
 
 
@@ -508,8 +523,11 @@ def promote(
 ) -> None:
     """Stage 6: move the champion alias to the challenger if it passes the gate.
 
-    The gate (stage6) compares the two versions' SuperNI evaluations task by task. Exits 1
-    when the gate fails; the decision and figures are recorded as version tags either way.
+    The gate (stage6) compares the challenger's SuperNI evaluation task by task with its
+    run's no-RL baseline and with the champion's, and must pass against each. With neither
+    (a run without baseline on a registry without champion) there is nothing to beat and
+    the challenger is rejected; --force --reason is the explicit override. Exits 1 when
+    rejected; the decision, comparisons and gate are recorded as version tags either way.
     """
     from refine_af import tracking
     from refine_af.stages import register
@@ -536,9 +554,11 @@ def promote(
         table.add_row("", line)
     out.print(table)
     if result.rejected:
+        champion = result.champion_before
         err.print(
             f"[bold red]gate failed:[/] version {result.version} stays challenger; "
-            f"champion is still version {result.champion_before}",
+            + (f"champion is still version {champion}" if champion else "there is no champion")
+            + f"\n{result.summary}",
             highlight=False,
         )
         raise typer.Exit(1)
@@ -554,7 +574,10 @@ def models_list(
     overrides: SetOption = None,
     workspace: WorkspaceOption = Path("workspace"),
 ) -> None:
-    """Registered versions of stage6.model_name with aliases and evaluation figures."""
+    """Registered versions of stage6.model_name: aliases, lineage, evaluation, promotion.
+
+    The run's no-RL baselines are versions too (policy base, alias baseline on the latest).
+    """
     from refine_af import tracking
     from refine_af.stages import register
 
@@ -562,25 +585,46 @@ def models_list(
     name = run_config.stage6.model_name
     versions = register.list_versions(tracking.connect(workspace), name)
     table = Table(title=f"registered model {name}")
-    for column in ("version", "aliases", "created (UTC)", "ROUGE-L", "tasks", "vs champion"):
+    columns = ("version", "aliases", "policy", "created (UTC)", "ROUGE-L", "tasks")
+    for column in (*columns, "vs baseline", "vs champion", "promotion"):
         table.add_column(column, justify="right" if column in {"ROUGE-L", "tasks"} else "left")
-    table.add_column("promotion")
-    table.add_column("evaluation run", no_wrap=True, min_width=32)
+    table.add_column("lineage", no_wrap=True)
     for v in versions:
         tags = v.tags
         rouge = tags.get(f"{register.EVAL}rougeL")
-        improved = tags.get(f"{register.PROMOTION}pct_tasks_improved")
         table.add_row(
             v.version,
             ", ".join(v.aliases),
+            tags.get(register.POLICY_TAG, "-"),
             v.created.strftime("%Y-%m-%d %H:%M"),
             f"{float(rouge):.2f}" if rouge else "-",
             tags.get(f"{register.EVAL}tasks", "-"),
-            f"{float(improved):.1f}% improved" if improved else "-",
+            *(_versus(tags, opponent) for opponent in (register.BASELINE, register.CHAMPION)),
             tags.get(f"{register.PROMOTION}decision", "-"),
-            tags.get(register.EVAL_RUN_TAG, "-"),
+            _lineage(tags),
         )
     out.print(table)
+
+
+def _versus(tags: dict[str, str], opponent: str) -> str:
+    """'62.5% improved (v3)' from the promotion tags of one comparison."""
+    prefix = f"refine_af.promotion.{opponent}."
+    improved = tags.get(f"{prefix}pct_tasks_improved")
+    if improved is None:
+        return "-"
+    return f"{float(improved):.1f}% improved (v{tags.get(f'{prefix}version', '?')})"
+
+
+def _lineage(tags: dict[str, str]) -> str:
+    """Where a version came from: config hash, parent run, dataset digest, base model."""
+    fields = (
+        ("config", "refine_af.config_hash", 12),
+        ("parent run", "refine_af.parent_run_id", 12),
+        ("data", "refine_af.dataset_sha256", 12),
+        ("base", "refine_af.base_model", None),
+    )
+    shown = [f"{label} {tags[key][:width]}" for label, key, width in fields if tags.get(key)]
+    return ", ".join(shown) or "-"
 
 
 @models_app.command("serve")

@@ -88,6 +88,11 @@ class InstructionsSettings(Section):
     prompts_per_round: int = Field(8, ge=1, description="prompts generated together")
     max_new_tokens: int = Field(256, ge=8)
     stop: list[str] = ["\n\n", "\n16", "16.", "16 ."]
+    on_token_limit: Literal["drop_last", "drop_response"] = Field(
+        "drop_last",
+        description="a continuation cut by max_new_tokens: set aside its unfinished last "
+        "item, or the whole continuation (Self-Instruct)",
+    )
     min_words: int = Field(3, ge=0, description="drop candidates with this many words or fewer")
     max_words: int = Field(150, ge=1, description="drop candidates with more words")
     blocked_words: list[str] = [
@@ -173,15 +178,75 @@ class RewardComponent(Section):
     weight: float = Field(allow_inf_nan=False)
 
 
+REWARD_FORMULAS: dict[str, dict[str, Any]] = {
+    # REFINE-AF's reward: Instruction Mining's linear fit (Cao et al., 2023) of the
+    # reward-model score and UniEval's understandability, naturalness and coherence
+    "instruction-mining": {
+        "components": [
+            {"scorer": "reward_model", "weight": 0.0078},
+            {"scorer": "unieval.understandability", "weight": -0.4421},
+            {"scorer": "unieval.naturalness", "weight": 0.3212},
+            {"scorer": "unieval.coherence", "weight": 0.1520},
+        ],
+        "bias": -0.0274,
+    },
+    # the same four scorers, 1.0 each (the reward model's logit dominates the sum)
+    "equal-weight": {
+        "components": [
+            {"scorer": "reward_model", "weight": 1.0},
+            *({"scorer": f"unieval.{d}", "weight": 1.0} for d in UNIEVAL_DIMENSIONS),
+        ],
+        "bias": 0.0,
+    },
+}
+
+
+def _plain_components(value: Any) -> Any:
+    """Components as plain (scorer, weight) pairs, to compare a YAML list with a formula."""
+    if not isinstance(value, list):
+        return value
+    plain = []
+    for item in value:
+        item = item.model_dump() if isinstance(item, BaseModel) else item
+        if not isinstance(item, dict):
+            return value
+        plain.append((item.get("scorer"), float(item.get("weight", "nan"))))
+    return plain
+
+
 class RewardSettings(Section):
     """The composite reward r = Σ wᵢ·sᵢ + bias; unparseable or non-finite items get ``floor``."""
 
+    formula: Literal["instruction-mining", "equal-weight"] | None = Field(
+        None,
+        description="a named reward: sets components and bias (None: give them yourself)",
+    )
     components: list[RewardComponent] = [
         RewardComponent(scorer="reward_model", weight=1.0),
         *(RewardComponent(scorer=f"unieval.{d}", weight=1.0) for d in UNIEVAL_DIMENSIONS),
     ]
     bias: float = Field(0.0, allow_inf_nan=False)
     floor: float = Field(-1.0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_formula(cls, data: Any) -> Any:
+        """A named formula fills components and bias; different ones beside it are an error."""
+        if not isinstance(data, dict) or data.get("formula") not in REWARD_FORMULAS:
+            return data
+        formula = REWARD_FORMULAS[data["formula"]]
+        given = {key: data[key] for key in formula if data.get(key) is not None}
+        for key, value in given.items():
+            if key == "components":
+                same = _plain_components(value) == _plain_components(formula[key])
+            else:
+                same = isinstance(value, int | float) and float(value) == formula[key]
+            if not same:
+                raise ValueError(
+                    f"formula {data['formula']!r} sets {key}; drop {key} or the formula "
+                    "(formula: null to give components and bias yourself)"
+                )
+        return {**data, **formula}
 
     @model_validator(mode="after")
     def _known_distinct_components(self) -> RewardSettings:
@@ -251,10 +316,16 @@ class InstancesSettings(Section):
     sources: list[Literal["seed", "machine"]] = Field(
         ["machine"], min_length=1, description="which stage 1 instructions get instances"
     )
-    samples_per_instruction: int = Field(
-        5, ge=1, description="completions sampled per instruction, one instance each"
+    format: Literal["one_per_prompt", "self_instruct"] = Field(
+        "one_per_prompt",
+        description="self_instruct: up to max_per_instruction instances per completion "
+        "(Self-Instruct); one_per_prompt: one per completion. Stage 2 trains the policy "
+        "to write this format",
     )
-    max_per_instruction: int = Field(5, ge=1, description="cap on kept instances per task")
+    samples_per_instruction: int = Field(5, ge=1, description="completions sampled per instruction")
+    max_per_instruction: int = Field(
+        5, ge=1, description="cap on kept instances per task (and per self_instruct completion)"
+    )
     max_new_tokens: int = Field(256, ge=8)
     min_reward: float | None = Field(
         None, allow_inf_nan=False, description="drop examples whose composite reward is lower"

@@ -304,6 +304,45 @@ class CompositeReward:
         }
 
     def __call__(self, parsed: Sequence[Parsed]) -> RewardBatch:
+        batch = self._score(parsed)
+        self._count(batch)
+        return batch
+
+    def per_completion(self, groups: Sequence[Sequence[Parsed]]) -> RewardBatch:
+        """One reward per completion: the mean over the instances it holds.
+
+        A completion that writes several instances (Self-Instruct's format) is worth the
+        mean of their rewards, which is ``Σ wᵢ·mean(sᵢ) + bias`` as the sum is linear; one
+        with no scored instance gets the floor and its first item's reason.
+        """
+        flat = self._score([p for group in groups for p in group])
+        rewards: list[float] = []
+        scores: dict[str, list[float | None]] = {name: [] for name in flat.scores}
+        failures: list[str | None] = []
+        start = 0
+        for group in groups:
+            span = range(start, start + len(group))
+            start = span.stop
+            scored = [k for k in span if flat.failures[k] is None]
+            if not scored:
+                rewards.append(self.floor)
+                failures.append(next((flat.failures[k] for k in span), "missing_output"))
+                for values in scores.values():
+                    values.append(None)
+                continue
+            rewards.append(math.fsum(flat.rewards[k] for k in scored) / len(scored))
+            failures.append(None)
+            for name, values in scores.items():
+                values.append(math.fsum(flat.scores[name][k] for k in scored) / len(scored))
+        batch = RewardBatch(rewards, scores, failures)
+        self._count(batch)
+        return batch
+
+    def _count(self, batch: RewardBatch) -> None:
+        self.totals.update(batch.failure_counts())
+        self.totals["scored"] += len(batch.rewards)
+
+    def _score(self, parsed: Sequence[Parsed]) -> RewardBatch:
         valid = [k for k, p in enumerate(parsed) if p.instance is not None]
         instances = [parsed[k].instance for k in valid]
         failures: list[str | None] = [p.failure for p in parsed]
@@ -322,7 +361,4 @@ class CompositeReward:
             for name, value in item.items():
                 scores[name][k] = value
             rewards[k] = sum(w * item[s.name] for s, w in self.components) + self.bias
-        batch = RewardBatch(rewards, scores, failures)
-        self.totals.update(batch.failure_counts())
-        self.totals["scored"] += len(parsed)
-        return batch
+        return RewardBatch(rewards, scores, failures)

@@ -60,10 +60,14 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 class TransformersBackend:
     """Generation with a transformers causal LM, in length-sorted left-padded batches."""
 
-    def __init__(self, tokenizer, model, batch_size: int = 16) -> None:
+    def __init__(
+        self, tokenizer, model, batch_size: int = 16, *, add_special_tokens: bool = False
+    ) -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.batch_size = batch_size
+        # True for prompts a model was fine-tuned on as plain text (trl adds a BOS to those)
+        self.add_special_tokens = add_special_tokens
 
     @classmethod
     def from_reference(
@@ -74,12 +78,13 @@ class TransformersBackend:
         device: str = "auto",
         batch_size: int = 16,
         expected_base: str | None = None,
+        add_special_tokens: bool = False,
     ) -> TransformersBackend:
         tokenizer = models.load_tokenizer(reference)
         model = models.load_causal_lm(
             reference, dtype=dtype, device=device, expected_base=expected_base
         )
-        return cls(tokenizer, model, batch_size)
+        return cls(tokenizer, model, batch_size, add_special_tokens=add_special_tokens)
 
     def render(self, prompt: str, *, chat: bool) -> str:
         """The prompt as the model sees it: in its chat template when asked and available."""
@@ -95,7 +100,9 @@ class TransformersBackend:
         return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = self.tokenizer(
+            texts, return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens
+        )
         return {k: v.to(self.model.device) for k, v in encoded.items()}
 
     @torch.inference_mode()
@@ -161,7 +168,11 @@ class TransformersBackend:
 
 
 def backend_for(
-    config: RunConfig, reference: str | None = None, *, batch_size: int | None = None
+    config: RunConfig,
+    reference: str | None = None,
+    *,
+    batch_size: int | None = None,
+    add_special_tokens: bool = False,
 ) -> GenerationBackend:
     """The backend a run configuration asks for, for its base model or an adapter of it.
 
@@ -181,4 +192,5 @@ def backend_for(
         device=config.model.device,
         batch_size=batch_size or config.generation.batch_size,
         expected_base=config.model.base if reference != config.model.base else None,
+        add_special_tokens=add_special_tokens,
     )

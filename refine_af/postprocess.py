@@ -5,8 +5,9 @@ by the token limit, its output is not empty and differs from its input, and neit
 ends with ":" (a sign of an unfinished generation). A task whose instances give different
 outputs for the same non-empty input is ambiguous, so all its instances go; exact
 duplicates are dropped and at most a few instances per task are kept. Here every decision
-is kept with its reason, so the counts of a run reconcile: every sampled completion ends
-up kept, filtered (a rule rejected the instance) or quarantined (no instance in it).
+is kept with its reason, so the counts of a run reconcile: every parsed item (an
+instance, or a completion holding none) ends up kept, filtered (a rule rejected the
+instance) or quarantined (no instance in it, or one cut off by the token limit).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from refine_af.generation import Completion
-from refine_af.instances_format import Instance, parse_completion
+from refine_af.instances_format import Format, Instance, parse_instances
 from refine_af.records import InstructionRecord, quarantine_entry
 
 # parse failures: the completion holds no instance (quarantine) or an empty output (a rule)
@@ -67,31 +68,40 @@ def filtered_entry(
     return quarantine_entry(reason, **where, input=instance.input, output=instance.output, **extra)
 
 
-def screen(record: InstructionRecord, completions: Sequence[Completion]) -> Screened:
+def screen(
+    record: InstructionRecord,
+    completions: Sequence[Completion],
+    format: Format = "one_per_prompt",
+    max_instances: int = 5,
+) -> Screened:
     """Parse one task's completions and apply the per-instance and per-task rules.
 
-    Completion ``k`` is sample ``k``. What survives is in sample order, so a later cap keeps
-    the earliest samples, which are as good a sample as any (they are i.i.d.).
+    Samples are numbered over the task's instances in order (with one instance per
+    completion, completion ``k`` is sample ``k``). What survives is in sample order, so a
+    later cap keeps the earliest samples, which are as good a sample as any.
     """
     result = Screened()
     passed: list[Candidate] = []
-    for sample, completion in enumerate(completions):
-        parsed = parse_completion(
+    sample = 0
+    for completion in completions:
+        items = parse_instances(
             record.instruction,
             record.is_classification,
             completion.text,
             finished=completion.finish_reason == "stop",
+            format=format,
+            max_instances=max_instances,
         )
-        if parsed.instance is None:
-            bucket = result.quarantined if parsed.failure in UNPARSEABLE else result.filtered
-            entry = quarantine_entry(parsed.failure, **_where(record, sample), text=completion.text)
-            bucket.append(entry)
-            continue
-        reason = rule_violation(parsed.instance)
-        if reason is None:
-            passed.append(Candidate(sample, parsed.instance))
-        else:
-            result.filtered.append(filtered_entry(reason, record, sample, parsed.instance))
+        for parsed in items:
+            if parsed.instance is None:
+                bucket = result.quarantined if parsed.failure in UNPARSEABLE else result.filtered
+                where = _where(record, sample)
+                bucket.append(quarantine_entry(parsed.failure, **where, text=completion.text))
+            elif (reason := rule_violation(parsed.instance)) is not None:
+                result.filtered.append(filtered_entry(reason, record, sample, parsed.instance))
+            else:
+                passed.append(Candidate(sample, parsed.instance))
+            sample += 1
     if _conflicting(passed):
         for c in passed:
             result.filtered.append(

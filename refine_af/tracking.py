@@ -242,8 +242,15 @@ def open_pipeline_run(workspace: Path, params: Mapping[str, Any], tags: Mapping[
         return run.run_id
 
 
-def log_to_run(workspace: Path, run_id: str, metrics: Mapping[str, float]) -> None:
-    """Add final figures to an earlier run (the pipeline's parent run)."""
+def log_to_run(
+    workspace: Path,
+    run_id: str,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str] | None = None,
+) -> None:
+    """Add final figures (and tags: the promotion decision) to an earlier run."""
     client = connect(workspace)
     for key, value in metrics.items():
         client.log_metric(run_id, key, float(value))
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)

@@ -107,3 +107,31 @@ def test_yaml_text_is_a_config_source():
     assert load_config(text).stage1.num_instructions == 4
     with pytest.raises(InputError, match=r"inline config: unknown config key stage1.nope"):
         load_config("stage1:\n  nope: 1\n")
+
+
+def test_paper_presets_use_the_instruction_mining_reward_and_self_instruct_instances():
+    for name in ("paper-mistral-7b", "paper-llama2-7b", "paper-llama2-13b"):
+        config = load_config(name)
+        reward = config.stage2.reward
+        assert reward.formula == "instruction-mining"
+        assert {c.scorer: c.weight for c in reward.components} == {
+            "reward_model": 0.0078,
+            "unieval.understandability": -0.4421,
+            "unieval.naturalness": 0.3212,
+            "unieval.coherence": 0.1520,
+        }
+        assert reward.bias == -0.0274
+        assert config.stage3.format == "self_instruct"
+        assert config.stage1.on_token_limit == "drop_response"
+        # the resolved configuration (formula and the components it set) loads again
+        assert load_config(config.to_yaml()).config_hash() == config.config_hash()
+    local = load_config("local-cpu")
+    assert local.stage2.reward.formula is None and local.stage3.format == "one_per_prompt"
+
+
+def test_equal_weight_reward_is_a_named_option():
+    config = load_config("paper-mistral-7b", ["stage2.reward.formula=equal-weight"])
+    assert {c.weight for c in config.stage2.reward.components} == {1.0}
+    assert config.stage2.reward.bias == 0.0
+    with pytest.raises(InputError, match="formula 'instruction-mining' sets bias"):
+        load_config("paper-mistral-7b", ["stage2.reward.bias=0.5"])

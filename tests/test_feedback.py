@@ -261,6 +261,22 @@ def test_unparsed_items_get_the_floor_are_counted_and_never_scored() -> None:
     assert reward.totals == {"scored": 3, "truncated": 1, "missing_output": 1}
 
 
+def test_a_completion_of_several_instances_earns_their_mean_reward() -> None:
+    a = FixedScorer("a", {"x": 0.5, "y": 2.0})
+    reward = CompositeReward([(a, 2.0)], bias=0.25, floor=-3.0)
+    batch = reward.per_completion(
+        [
+            [parsed("x"), parsed("y"), Parsed(None, "truncated")],
+            [Parsed(None, "empty_output")],
+            [parsed("y")],
+        ]
+    )
+    assert batch.rewards == [2.0 * 1.25 + 0.25, -3.0, 2.0 * 2.0 + 0.25]
+    assert batch.scores == {"a": [1.25, None, 2.0]}
+    assert batch.failures == [None, "empty_output", None]
+    assert reward.totals == {"scored": 3, "empty_output": 1}
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nonfinite_scores_become_the_floor_and_are_counted(bad: float) -> None:
     a = FixedScorer("a", {"x": 0.5, "y": 0.25})

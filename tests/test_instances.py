@@ -95,6 +95,21 @@ def test_self_instruct_instance_rules(text, reason):
     assert not screened.candidates and not screened.quarantined
 
 
+def test_self_instruct_completions_number_samples_over_their_instances():
+    text = (
+        "Example 1\nInput: a\nOutput: b\nExample 2\nInput: c\nOutput: c\n"
+        "Example 3\nInput: d\nOutput: e"
+    )
+    result = postprocess.screen(RECORD, [done(text), cut(text)], "self_instruct", 5)
+    assert [c.sample for c in result.candidates] == [0, 2]  # sample 3 repeats sample 0
+    assert [c.instance.output for c in result.candidates] == ["b", "e"]
+    assert reasons(result.filtered) == ["input_equals_output", "input_equals_output", "duplicate"]
+    assert reasons(result.quarantined) == ["truncated"]  # the cut completion's last example
+    assert result.quarantined[0]["id"] == "machine_000007-005"
+    total = len(result.candidates) + len(result.filtered) + len(result.quarantined)
+    assert total == 6  # 3 instances in each completion
+
+
 def test_rules_return_none_for_a_good_instance():
     assert postprocess.rule_violation(Instance("Name a fruit.", "", "Apple")) is None
 

@@ -48,6 +48,15 @@ def test_parse_sets_aside_the_item_cut_by_the_token_limit():
     assert parse_continuation(completion) == (["Name three rivers"], "Describe the history of")
 
 
+def test_paper_presets_drop_a_continuation_cut_by_the_token_limit_as_self_instruct():
+    completion = Completion(" Name three rivers\n10. Describe the history of", "length", 64)
+    on_limit = load_config("paper-mistral-7b").stage1.on_token_limit
+    assert on_limit == "drop_response"
+    assert parse_continuation(completion, on_limit) == ([], completion.text)
+    finished = Completion(" Name three rivers\n10. Name a colour", "stop", 9)
+    assert parse_continuation(finished, on_limit)[0] == ["Name three rivers", "Name a colour"]
+
+
 @pytest.mark.parametrize(
     ("candidate", "reason"),
     [

@@ -105,7 +105,31 @@ def test_registered_model_files_are_in_the_bucket(
         assert any(key.endswith(f"/model/{name}") for key in keys), keys
 
 
-def test_champion_moves_only_when_the_gate_passes(
+def register_run(
+    client: mlflow.MlflowClient,
+    name: str,
+    folder: Path,
+    tmp_path: Path,
+    challenger: tuple[float, ...],
+    baseline: tuple[float, ...] | None,
+) -> tuple[str, str | None]:
+    """One pipeline run in the registry: its RL version and its no-RL baseline, evaluated."""
+    rl = register_folder(client, name, folder)
+    client.set_model_version_tag(name, rl, register.POLICY_TAG, "rl")
+    base = None
+    if baseline is not None:
+        base = register_folder(client, name, folder)
+        client.set_model_version_tag(name, base, register.POLICY_TAG, "base")
+        register.mark_baseline(client, name, base, evaluation(baseline, tmp_path))
+    register.mark_challenger(client, name, rl, evaluation(challenger, tmp_path), base)
+    return rl, base
+
+
+def aliases_of(client: mlflow.MlflowClient, name: str) -> dict[str, str]:
+    return {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+
+
+def test_challenger_that_loses_to_its_baseline_on_a_fresh_registry_is_rejected(
     registry: mlflow.MlflowClient,
     model_name: str,
     tiny_lora_adapter_dir: Path,
@@ -113,64 +137,129 @@ def test_champion_moves_only_when_the_gate_passes(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    v1, v2, v3 = (register_folder(registry, model_name, tiny_lora_adapter_dir) for _ in "123")
-    register.mark_challenger(registry, model_name, v1, evaluation((40, 40, 40, 40), tmp_path))
-    aliases = registry.get_registered_model(model_name).aliases
-    assert {k: str(v) for k, v in aliases.items()} == {"challenger": v1}
+    rl, base = register_run(
+        registry, model_name, tiny_lora_adapter_dir, tmp_path, (45, 30, 30, 40), (40, 40, 40, 40)
+    )
+    assert aliases_of(registry, model_name) == {"challenger": rl, "baseline": base}
+    assert run_cli(monkeypatch, "promote") == 1
+    captured = capsys.readouterr()
+    assert "gate failed" in captured.err and "there is no champion" in captured.err
+    assert "25.0% of tasks improved over the baseline" in captured.err
+    assert "champion" not in aliases_of(registry, model_name)
+    tags = registry.get_model_version(model_name, rl).tags
+    assert tags["refine_af.promotion.decision"] == "rejected"
+    assert tags["refine_af.promotion.against"] == f"baseline v{base}"
+    assert tags["refine_af.promotion.baseline.version"] == base
+    assert tags["refine_af.promotion.baseline.pct_tasks_improved"] == "25.00"
+    assert tags["refine_af.promotion.baseline.tasks"] == "1 improved, 1 tied, 2 worse of 4"
+    assert tags["refine_af.promotion.gate"] == "min_pct_tasks_improved=50, max_mean_drop=0"
+    assert tags["refine_af.promotion.summary"].startswith(
+        f"rejected: 25.0% of tasks improved over the baseline v{base} (1 of 4, 1 tied), "
+        "gate needs ≥ 50%; mean ROUGE-L 36.25 vs 40.00"
+    )
+    before = state(registry, model_name)
+    assert run_cli(monkeypatch, "promote") == 1
+    assert state(registry, model_name) == before  # a repeated rejection writes nothing
 
-    # No champion yet: the first evaluated challenger wins.
+    # A baseline is a reference, not a candidate.
+    assert run_cli(monkeypatch, "promote", "--version", base) == 2
+    assert "is a no-RL baseline" in capsys.readouterr().err
+
+
+def test_challenger_that_beats_its_baseline_is_promoted(
+    registry: mlflow.MlflowClient,
+    model_name: str,
+    tiny_lora_adapter_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rl, base = register_run(
+        registry, model_name, tiny_lora_adapter_dir, tmp_path, (50, 45, 41, 39), (40, 40, 40, 40)
+    )
     assert run_cli(monkeypatch, "promote") == 0
-    tags = registry.get_model_version(model_name, v1).tags
+    assert aliases_of(registry, model_name) == {"challenger": rl, "baseline": base, "champion": rl}
+    tags = registry.get_model_version(model_name, rl).tags
     assert tags["refine_af.promotion.decision"] == "promoted"
-    assert tags["refine_af.promotion.reason"] == "no champion yet"
+    assert tags["refine_af.promotion.baseline.pct_tasks_improved"] == "75.00"
+    assert tags["refine_af.promotion.baseline.tasks"] == "3 improved, 0 tied, 1 worse of 4"
+    assert "refine_af.promotion.champion.version" not in tags
     assert tags["refine_af.promotion.eval_run_id"] == tags["refine_af.eval.run_id"]
-    assert registry.get_model_version_by_alias(model_name, "champion").version == v1
+    assert tags["refine_af.promotion.summary"].startswith(
+        f"promoted: 75.0% of tasks improved over the baseline v{base}"
+    )
 
     # Promoting the champion again changes nothing.
     before = state(registry, model_name)
     assert run_cli(monkeypatch, "promote") == 0
     assert state(registry, model_name) == before
 
-    # Worse on most tasks: the gate fails, says why, exits 1, champion stays.
-    register.mark_challenger(registry, model_name, v2, evaluation((45, 30, 30, 40), tmp_path))
+
+def test_winner_over_its_baseline_that_loses_to_the_champion_is_rejected(
+    registry: mlflow.MlflowClient,
+    model_name: str,
+    tiny_lora_adapter_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder = tiny_lora_adapter_dir
+    champion, _ = register_run(
+        registry, model_name, folder, tmp_path, (50, 45, 41, 39), (40, 40, 40, 40)
+    )
+    assert run_cli(monkeypatch, "promote") == 0
+    rl, base = register_run(
+        registry, model_name, folder, tmp_path, (35, 35, 35, 35), (30, 30, 30, 30)
+    )
     capsys.readouterr()
     assert run_cli(monkeypatch, "promote") == 1
-    captured = capsys.readouterr()
-    assert "gate failed" in captured.err
-    assert "25.0% of tasks improved" in captured.out
-    assert registry.get_model_version_by_alias(model_name, "champion").version == v1
-    tags = registry.get_model_version(model_name, v2).tags
+    err = capsys.readouterr().err
+    assert f"champion is still version {champion}" in err
+    assert "0.0% of tasks improved over the champion" in err
+    assert "over the baseline" not in err  # the unmet conditions only
+    assert aliases_of(registry, model_name) == {
+        "challenger": rl, "baseline": base, "champion": champion,
+    }  # fmt: skip
+    tags = registry.get_model_version(model_name, rl).tags
     assert tags["refine_af.promotion.decision"] == "rejected"
-    assert tags["refine_af.promotion.against"] == v1
-    assert tags["refine_af.promotion.pct_tasks_improved"] == "25.00"
-    before = state(registry, model_name)
-    assert run_cli(monkeypatch, "promote") == 1
-    assert state(registry, model_name) == before  # a repeated rejection writes nothing
-
-    # Better on 3 of 4 tasks and on the mean: champion moves.
-    register.mark_challenger(registry, model_name, v3, evaluation((50, 45, 41, 39), tmp_path))
-    assert run_cli(monkeypatch, "promote") == 0
-    assert registry.get_model_version_by_alias(model_name, "champion").version == v3
-    tags = registry.get_model_version(model_name, v3).tags
-    assert tags["refine_af.promotion.pct_tasks_improved"] == "75.00"
-    assert tags["refine_af.promotion.tasks"] == "3 improved, 0 tied, 1 worse of 4"
-
-    # --force needs a reason, and records it.
-    assert run_cli(monkeypatch, "promote", "--version", v2, "--force") == 2
-    assert run_cli(
-        monkeypatch, "promote", "--version", v2, "--force", "--reason", "rollback drill"
-    ) == 0  # fmt: skip
-    assert registry.get_model_version_by_alias(model_name, "champion").version == v2
-    tags = registry.get_model_version(model_name, v2).tags
-    assert tags["refine_af.promotion.decision"] == "forced"
-    assert tags["refine_af.promotion.reason"].startswith("forced: rollback drill")
+    assert tags["refine_af.promotion.against"] == f"baseline v{base}, champion v{champion}"
+    assert tags["refine_af.promotion.baseline.pct_tasks_improved"] == "100.00"
+    assert tags["refine_af.promotion.champion.pct_tasks_improved"] == "0.00"
+    assert tags["refine_af.promotion.champion.version"] == champion
 
     capsys.readouterr()
     assert run_cli(monkeypatch, "models", "list") == 0
     listing = capsys.readouterr().out
-    assert "champion" in listing
-    assert "forced" in listing
-    assert "rejected" not in listing  # v2's rejection was superseded by the forced promotion
+    assert "100.0% improved (v" in listing and "0.0% improved (v" in listing
+    assert "baseline" in listing and "rejected" in listing
+
+
+def test_nothing_to_beat_is_rejected_unless_forced_with_a_reason(
+    registry: mlflow.MlflowClient,
+    model_name: str,
+    tiny_lora_adapter_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rl, _ = register_run(registry, model_name, tiny_lora_adapter_dir, tmp_path, (40,) * 4, None)
+    assert run_cli(monkeypatch, "promote") == 1
+    assert "nothing to beat" in capsys.readouterr().err
+    tags = registry.get_model_version(model_name, rl).tags
+    assert tags["refine_af.promotion.decision"] == "rejected"
+    assert tags["refine_af.promotion.against"] == "none"
+
+    assert run_cli(monkeypatch, "promote", "--force") == 2  # --force needs a reason
+    assert run_cli(monkeypatch, "promote", "--force", "--reason", "first model") == 0
+    assert registry.get_model_version_by_alias(model_name, "champion").version == rl
+    tags = registry.get_model_version(model_name, rl).tags
+    assert tags["refine_af.promotion.decision"] == "forced"
+    assert tags["refine_af.promotion.reason"].startswith("forced: first model")
+
+    capsys.readouterr()
+    assert run_cli(monkeypatch, "models", "list") == 0
+    listing = capsys.readouterr().out
+    assert "champion" in listing and "forced" in listing
+    assert "rejected" not in listing  # the rejection was superseded by the forced promotion
 
 
 def test_stage_evaluate_marks_the_registered_version_challenger(
@@ -203,6 +292,19 @@ def test_stage_evaluate_marks_the_registered_version_challenger(
     key_suffix = f"{run_id}/artifacts/candidate/evaluation.json"
     assert any(k.endswith(key_suffix) for k in bucket_keys(s3_server, mlflow_s3_server[1]))
 
+    # The run's baseline: its version gets its own scores and the baseline alias, and the
+    # challenger names it for the gate.
+    base = register_folder(registry, model_name, tiny_causal_lm_dir)
+    linked = [*common, "--out", str(tmp_path / "pair"), "--version", version]
+    assert run_cli(monkeypatch, *linked, "--baseline-version", base) == 2  # needs --baseline
+    linked += ["--baseline", str(tiny_causal_lm_dir), "--baseline-version", base]
+    assert run_cli(monkeypatch, *linked) == 0
+    assert registry.get_model_version_by_alias(model_name, "baseline").version == base
+    challenger = registry.get_model_version(model_name, version)
+    assert challenger.tags["refine_af.eval.baseline_version"] == base
+    baseline_tags = registry.get_model_version(model_name, base).tags
+    assert baseline_tags["refine_af.eval.run_id"] == challenger.tags["refine_af.eval.run_id"]
+
 
 def test_bad_registry_input_exits_2_and_writes_nothing(
     registry: mlflow.MlflowClient,
@@ -227,7 +329,7 @@ def test_bad_registry_input_exits_2_and_writes_nothing(
 
     # The champion's evaluation cannot be read: stop before writing anything.
     register.mark_challenger(registry, model_name, v1, evaluation((1, 1, 1, 1), tmp_path))
-    assert run_cli(monkeypatch, "promote") == 0
+    assert run_cli(monkeypatch, "promote", "--force", "--reason", "first") == 0
     registry.set_model_version_tag(model_name, v1, register.EVAL_ARTIFACT_TAG, "missing.json")
     register.mark_challenger(registry, model_name, v2, evaluation((2, 2, 2, 2), tmp_path))
     before = state(registry, model_name)

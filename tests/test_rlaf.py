@@ -90,6 +90,28 @@ def test_trl_sum_of_reward_functions_is_the_composite_reward() -> None:
     }  # fmt: skip
 
 
+def test_self_instruct_completions_earn_the_mean_reward_of_their_instances() -> None:
+    scorers = [LengthScorer("a")]
+    composite = CompositeReward([(scorers[0], 1.0)], bias=0.5, floor=-9.0)
+    rewards = rlaf.TrlRewards(
+        composite, max_completion_length=8, eos_token_ids={0}, format="self_instruct"
+    )
+    batch = {
+        "prompts": ["p0", "p1", "p2"],
+        "completions": [
+            "Example 1\nInput: 1\nOutput: ab\nExample 2\nInput: 2\nOutput: abcd\nTask: x",
+            "Example 1\nInput: 1\nOutput: ab\nExample 2\nInput: 2\nOutput: abc",
+            "Class label: Yes\nInput: 13\nClass label: No\nInput: 21",
+        ],
+        "completion_ids": [[5] * 8, [5] * 8, [5, 0]],  # the second hit the token limit
+        "instruction": ["t0", "t1", "t2"],
+        "is_classification": [False, False, True],
+    }
+    values = [function(**batch) for function in rewards.functions()]
+    assert values[0] == [3.0, 2.0, 2.5]  # mean output length: (2+4)/2, 2 (cut "abc" dropped)
+    assert values[1] == [0.5, 0.5, 0.5]  # the bias, as every completion was scored
+
+
 def test_a_new_batch_is_scored_again() -> None:
     rewards, scorers = trl_rewards()
     first, *_ = rewards.functions()
@@ -227,10 +249,10 @@ def tiny_run_args(tiny: Path, instructions: Path, out_dir: Path, workspace: Path
     ]  # fmt: skip
 
 
-def whole_completion_as_output(instruction, is_classification, completion, *, finished=True):
+def whole_completion_as_output(instruction, is_classification, completion, **_):
     """A random 2-layer model never writes the instance format, so every completion would
     get the floor and the policy no gradient; here the whole completion is the output."""
-    return Parsed(Instance(instruction, "", completion.strip() or "(empty)"))
+    return [Parsed(Instance(instruction, "", completion.strip() or "(empty)"))]
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +263,7 @@ def trained(tiny_causal_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-        patch.setattr(rlaf, "parse_completion", whole_completion_as_output)
+        patch.setattr(rlaf, "parse_instances", whole_completion_as_output)
         args = tiny_run_args(tiny_causal_lm_dir, instructions, root / "out", root / "ws", 2)
         patch.setattr(sys, "argv", ["refine-af", *args])
         try:
@@ -321,7 +343,7 @@ def test_rerun_continues_from_the_last_checkpoint(
     out_dir = trained / "resumed"
     shutil.copytree(trained / "out", out_dir)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(rlaf, "parse_completion", whole_completion_as_output)
+    monkeypatch.setattr(rlaf, "parse_instances", whole_completion_as_output)
     instructions = trained / "instructions.jsonl"
     args = tiny_run_args(tiny_causal_lm_dir, instructions, out_dir, trained / "ws", 3)
     code, out, _ = run_cli(monkeypatch, capsys, *args, "--set", "stage2.kl_coef=0.2")
@@ -341,7 +363,7 @@ def test_rloo_trainer_trains_and_publishes_an_adapter(
     tiny_causal_lm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(rlaf, "parse_completion", whole_completion_as_output)
+    monkeypatch.setattr(rlaf, "parse_instances", whole_completion_as_output)
     config = load_config(
         "local-cpu", [*tiny_overrides(tiny_causal_lm_dir, 1), "stage2.trainer=rloo"]
     )

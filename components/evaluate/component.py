@@ -17,11 +17,14 @@ def evaluate(
     report: dsl.Output[dsl.Markdown],
     metrics: dsl.Output[dsl.Metrics],
     baseline: dsl.Input[dsl.Model] = None,
+    baseline_version: str = "",
     generation_endpoint: str = "",
 ) -> float:
     """Evaluates the fine-tuned adapters; tags ``version`` and makes it the challenger.
 
-    Returns the % of tasks improved over the baseline (-1 without a baseline).
+    ``baseline_version``, the registered no-RL baseline, gets its scores and the
+    ``baseline`` alias, and the challenger is linked to it for stage 6's gate. Returns the
+    % of tasks improved over the baseline (-1 without a baseline).
     """
     import os
     import shutil
@@ -52,8 +55,11 @@ def evaluate(
         tracking.log_to_run(workspace, parent_run_id, figures)
     if version:
         client = tracking.connect(workspace)
+        name = run_config.stage6.model_name
+        if baseline_version:
+            register.mark_baseline(client, name, baseline_version, outcome.results[stage.BASELINE])
         evaluation = outcome.results[stage.CANDIDATE]
-        register.mark_challenger(client, run_config.stage6.model_name, version, evaluation)
+        register.mark_challenger(client, name, version, evaluation, baseline_version or None)
     if outcome.comparison is None:
         return -1.0
     metrics.log_metric("pct_tasks_improved", outcome.comparison.pct_improved)

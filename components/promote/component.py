@@ -20,7 +20,9 @@ def promote(
 ) -> str:
     """Applies the stage6 gate to ``version``; a failed gate is a decision, not a failure.
 
-    Returns the decision and records the run's headline figures on the parent MLflow run;
+    The gate compares ``version`` with its run's registered baseline and with the
+    champion (register.promote). Returns the decision and records the run's headline
+    figures, both comparisons and the decision on the parent MLflow run;
     ``pct_tasks_improved`` is -1 and ``base_mean_reward`` absent without a baseline.
     """
     import math
@@ -44,17 +46,23 @@ def promote(
         "instructions_kept": instructions_kept,
         "mean_reward_base_policy": base_mean_reward,
         "mean_reward_rl_policy": rl_mean_reward,
-        "pct_tasks_improved": pct_tasks_improved,
+        "pct_tasks_improved": pct_tasks_improved if pct_tasks_improved >= 0 else None,
+        **{
+            f"pct_tasks_improved_over_{opponent}": compared.pct_improved
+            for opponent, compared in result.comparisons.items()
+        },
+        "promoted": float(result.decision in {"promoted", "unchanged"}),
     }
     figures = {k: v for k, v in figures.items() if v is not None and not math.isnan(v)}
     if parent_run_id:
-        tracking.log_to_run(workspace, parent_run_id, figures)
+        decision = {"refine_af.promotion": result.summary}
+        tracking.log_to_run(workspace, parent_run_id, figures, decision)
     lines = [
         "# refine-af run",
         "",
         *(f"- {key.replace('_', ' ')}: {value:g}" for key, value in figures.items()),
         f"- registered: `{name}` version {version}, aliases: {', '.join(aliases) or 'none'}",
-        f"- promotion: {result.decision} ({'; '.join(result.reasons)})",
+        f"- promotion: {result.summary}",
     ]
     Path(summary.path).write_text("\n".join(lines) + "\n")
     return result.decision

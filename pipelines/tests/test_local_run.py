@@ -1,6 +1,7 @@
 """The whole pipeline under KFP's local runner with tiny settings and the bundled model."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,6 @@ def test_pipeline_runs_end_to_end(tmp_path, bundled_model_dir):
         timeout=1500,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "refine-af-model v1 (challenger, champion)" in result.stdout
 
     kfp = _only(workspace / "kfp", "refine-af-*")
     pool = _only(kfp, "instructions/pool")
@@ -57,20 +57,39 @@ def test_pipeline_runs_end_to_end(tmp_path, bundled_model_dir):
     assert len(adapters) == 2
     comparison = json.loads((_only(kfp, "evaluate/results") / "comparison.json").read_text())
     assert comparison["tasks"] == 2
-    run_summary = _only(kfp, "promote/summary").read_text()
-    assert "aliases: challenger, champion" in run_summary
 
+    # A fresh registry has no champion: the gate (local-cpu: ≥ 50% of tasks improved, no
+    # drop of the mean) against the run's baseline alone decides.
+    passed = comparison["pct_improved"] >= 50.0 and comparison["mean_delta"] >= 0.0
+    decision = "promoted" if passed else "rejected"
     client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
-    (version,) = client.search_model_versions("name = 'refine-af-model'")
-    assert version.tags["refine_af.policy"] == "rl"
+    versions = client.search_model_versions("name = 'refine-af-model'")
+    by_policy = {v.tags["refine_af.policy"]: v for v in versions}
+    assert len(versions) == 2 and set(by_policy) == {"rl", "base"}
+    rl, base = str(by_policy["rl"].version), str(by_policy["base"].version)
     model = client.get_registered_model("refine-af-model")
-    assert {alias: str(v) for alias, v in model.aliases.items()} == {
-        "challenger": "1",
-        "champion": "1",
-    }
+    expected = {"challenger": rl, "baseline": base} | ({"champion": rl} if passed else {})
+    assert {alias: str(v) for alias, v in model.aliases.items()} == expected
+    tags = by_policy["rl"].tags
+    assert tags["refine_af.promotion.decision"] == decision
+    assert tags["refine_af.eval.baseline_version"] == base
+    assert tags["refine_af.promotion.baseline.pct_tasks_improved"] == (
+        f"{comparison['pct_improved']:.2f}"
+    )
+    assert tags["refine_af.template"] == "chat"  # the bundled model has a chat template
+    for version in versions:  # lineage
+        for key in ("config_hash", "parent_run_id", "dataset_sha256", "base_model"):
+            assert version.tags[f"refine_af.{key}"], key
+    pct = f"{comparison['pct_improved']:.1f}% of tasks improved over the baseline v{base}"
+    run_summary = _only(kfp, "promote/summary").read_text()
+    assert f"- promotion: {decision}: " in run_summary and pct in run_summary
+    assert re.search(rf"^promotion +{decision}: ", result.stdout, re.MULTILINE)
+    assert pct in result.stdout and "gate needs ≥ 50%" in result.stdout
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parent = next(r for r in runs if r.data.tags.get("refine_af.stage") == "pipeline")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     stages = {r.data.tags["refine_af.stage"] for r in children}
     assert stages >= {"instructions", "rlaf", "instances", "instances-merge", "sft", "evaluate"}
     assert parent.data.metrics["instructions_kept"] == 4
+    assert parent.data.metrics["promoted"] == float(passed)
+    assert parent.data.tags["refine_af.promotion"].startswith(f"{decision}: ")

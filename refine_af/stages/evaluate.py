@@ -1,10 +1,13 @@
 """Stage 5: zero-shot SuperNI evaluation of a model, and its comparison with a baseline.
 
-A subject is a model reference (anything ``models.resolve`` takes, LoRA adapters
-included) or an earlier ``evaluation.json``, so a baseline scored once can be compared
-with many candidates. Prompts hold only the task definition and the input; decoding is
-greedy. All input is checked before the first model loads; every output is written
-atomically, and the scores, report and chart are logged to the stage's MLflow run.
+A subject is a model reference (anything ``models.resolve`` takes, LoRA adapters included)
+or an earlier ``evaluation.json``, so a baseline scored once can be compared with many
+candidates. Prompts hold only the task definition and the input; decoding is greedy. A stage
+4 adapter is asked in the template it was fine-tuned in (the definition as the instruction,
+the instance input as the input); any other model gets ``stage5.prompt_template``, in its
+chat template when ``stage5.chat``. All input is checked before the first model loads; every
+output is written atomically, and the scores, report and chart are logged to the stage's
+MLflow run.
 """
 
 from __future__ import annotations
@@ -18,7 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refine_af import comparison, models, records, report, storage, superni, threads, tracking
+from refine_af import (
+    comparison,
+    models,
+    records,
+    report,
+    storage,
+    superni,
+    templates,
+    threads,
+    tracking,
+)
 from refine_af.comparison import Comparison
 from refine_af.config import RunConfig
 from refine_af.errors import InputError
@@ -64,15 +77,31 @@ def scored_settings(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def generate(
-    backend: GenerationBackend,
+def prompts_for(
     instances: Sequence[SuperNIInstance],
     config: RunConfig,
+    template: templates.Template | None,
+    tokenizer,
+) -> tuple[list[str], bool]:
+    """(prompts, wrap in the chat template?): the SFT template when the model has one."""
+    if template is None:
+        s = config.stage5
+        return [superni.encode_prompt(s.prompt_template, i) for i in instances], s.chat
+    return [
+        templates.render_prompt(template, i.definition.strip(), i.input.strip(), tokenizer)
+        for i in instances
+    ], False
+
+
+def generate(
+    backend: GenerationBackend,
+    prompts: Sequence[str],
+    config: RunConfig,
+    chat: bool,
     on_batch: Callable[[int], None],
 ) -> list[Completion]:
-    """Greedy completions in instance order, longest prompts first (less padding)."""
+    """Greedy completions in prompt order, longest prompts first (less padding)."""
     s = config.stage5
-    prompts = [superni.encode_prompt(s.prompt_template, instance) for instance in instances]
     params = SamplingParams(
         max_new_tokens=s.max_new_tokens, temperature=0.0, stop=tuple(s.stop), seed=s.seed
     )
@@ -80,7 +109,7 @@ def generate(
     completions: list[Completion | None] = [None] * len(prompts)
     for start in range(0, len(order), s.batch_size):
         batch = order[start : start + s.batch_size]
-        outputs = backend.generate([prompts[i] for i in batch], params, chat=s.chat)
+        outputs = backend.generate([prompts[i] for i in batch], params, chat=chat)
         for index, completion in zip(batch, outputs, strict=True):
             completions[index] = completion
         on_batch(len(batch))
@@ -95,8 +124,16 @@ def evaluate_model(
     on_batch: Callable[[int], None],
 ) -> tuple[EvaluationResult, list[dict[str, Any]]]:
     """Score one model on the instances; returns its result and one row per prediction."""
-    backend = backend_for(config, reference, batch_size=config.stage5.batch_size)
-    completions = generate(backend, instances, config, on_batch)
+    tokenizer = models.load_tokenizer(reference)
+    template = templates.recorded_template(models.resolve(reference))
+    prompts, chat = prompts_for(instances, config, template, tokenizer)
+    backend = backend_for(
+        config,
+        reference,
+        batch_size=config.stage5.batch_size,
+        add_special_tokens=template is not None and templates.adds_special_tokens(template),
+    )
+    completions = generate(backend, prompts, config, chat, on_batch)
     predictions = [completion.text.strip() for completion in completions]
     scores = [
         superni.rouge_l(prediction, instance.references)
@@ -119,7 +156,7 @@ def evaluate_model(
         scores,
         model=reference,
         data=data_uri,
-        settings=scored_settings(config),
+        settings={**scored_settings(config), "sft_template": template or "none"},
         truncated=sum(c.finish_reason == "length" for c in completions),
     )
     return result, rows

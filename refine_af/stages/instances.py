@@ -1,10 +1,11 @@
 """Stage 3: instances for stage 1's instructions, written by the stage 2 policy.
 
 Each instruction gets ``samples_per_instruction`` sampled completions of the same prompt
-stage 2 trained on (one instance each: input-first, or output-first for classification
-tasks); Self-Instruct's post-processing sorts them into kept, filtered and quarantined,
-and stage 2's composite reward scores every kept example. With no adapter the base model
-writes them: the paper's baseline.
+stage 2 trained on, in ``stage3.format``: several instances per completion as Self-Instruct
+writes them, or one each (input-first, or output-first for classification tasks;
+``refine_af.instances_format``); Self-Instruct's post-processing sorts them into kept,
+filtered and quarantined, and stage 2's composite reward scores every kept example. With no
+adapter the base model writes them: the paper's baseline.
 
 Sharding: instructions are generated in fixed blocks (as many as fill one generation
 batch), each with a seed derived from its first instruction's id, and scored block by
@@ -32,7 +33,7 @@ from refine_af.endpoint import judge_endpoint
 from refine_af.errors import InputError
 from refine_af.feedback import NONFINITE, CompositeReward, RewardBatch, build_scorers
 from refine_af.generation import GenerationBackend, SamplingParams, backend_for
-from refine_af.instances_format import STOP, Parsed, build_prompt
+from refine_af.instances_format import Parsed, build_prompt, stop_strings
 from refine_af.records import ExampleRecord, InstructionRecord
 
 EXAMPLES, FILTERED, QUARANTINE = "examples.jsonl", "filtered.jsonl", "quarantine.jsonl"
@@ -204,19 +205,21 @@ class InstanceWriter:
             temperature=config.generation.temperature,
             top_p=config.generation.top_p,
             repetition_penalty=config.generation.repetition_penalty,
-            stop=STOP,
+            stop=stop_strings(config.stage3.format, config.stage3.max_per_instruction),
         )
 
     def block(self, block: Sequence[InstructionRecord]) -> Part:
-        k = self.settings.samples_per_instruction
+        k, fmt = self.settings.samples_per_instruction, self.settings.format
         prompts = [
-            build_prompt(r.instruction, r.is_classification) for r in block for _ in range(k)
+            build_prompt(r.instruction, r.is_classification, fmt) for r in block for _ in range(k)
         ]
         params = replace(self.params, seed=block_seed(self.seed, block[0].id))
         completions = self.backend.generate(prompts, params)
         part = Part(instructions=len(block), generations=len(prompts))
+        cap = self.settings.max_per_instruction
         screened = [
-            postprocess.screen(r, completions[i * k : (i + 1) * k]) for i, r in enumerate(block)
+            postprocess.screen(r, completions[i * k : (i + 1) * k], fmt, cap)
+            for i, r in enumerate(block)
         ]
         flat = [c for s in screened for c in s.candidates]
         scored = self.reward([Parsed(c.instance) for c in flat])

@@ -45,12 +45,17 @@ def encode_prompt(instructions: Sequence[str]) -> str:
     return "\n".join(lines) + f"\n{len(instructions) + 1}."
 
 
-def parse_continuation(completion: Completion) -> tuple[list[str], str | None]:
-    """Candidate instructions of one continuation, and the item cut off by the token limit.
+def parse_continuation(
+    completion: Completion, on_token_limit: str = "drop_last"
+) -> tuple[list[str], str | None]:
+    """Candidate instructions of one continuation, and the text cut off by the token limit.
 
     When generation hit the token limit the last item is unfinished, so it is set aside
-    (to the quarantine) instead of being judged as an instruction.
+    (to the quarantine) instead of being judged as an instruction; with ``drop_response``
+    the whole continuation is, as Self-Instruct's ``post_process_gpt3_response`` does.
     """
+    if completion.finish_reason == "length" and on_token_limit == "drop_response":
+        return [], completion.text or None
     items = [re.sub(r"\s+", " ", item).strip() for item in _ITEM_SPLIT.split(completion.text)]
     items = [item[0].upper() + item[1:].lower() if item else item for item in items]
     truncated = items.pop() if completion.finish_reason == "length" and items else None
@@ -183,7 +188,7 @@ class Bootstrap:
         kept: list[Neighbours] = []
         for number, completion in enumerate(completions):
             where = {"round": self.rounds, "prompt": number}
-            candidates, truncated = parse_continuation(completion)
+            candidates, truncated = parse_continuation(completion, self.settings.on_token_limit)
             if truncated is not None:
                 entry = records.quarantine_entry("truncated", text=truncated, **where)
                 events.append(self._set_aside("quarantined", entry))

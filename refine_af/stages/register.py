@@ -1,11 +1,14 @@
 """Stage 6: evaluated model versions in the MLflow registry, and the gated promotion.
 
-Aliases, not stages (MLflow ≥ 2.9): an evaluated version gets ``challenger``, and
-``promote`` moves ``champion`` to it only when it beats the current champion by the
-configured gate on the same SuperNI instances. The evaluation figures, the decision and
-the evaluation run id are version tags, so the registry alone explains why a version is
-or is not champion. How a version was created (mlflow.transformers, plain artifacts) does
-not matter here: only its version number and tags do.
+Aliases, not stages (MLflow ≥ 2.9): an evaluated version gets ``challenger``, the run's
+no-RL baseline is a version of the same registered model with the ``baseline`` alias (and
+``refine_af.policy=base``), and ``promote`` moves ``champion`` to the challenger only when
+it passes the gate against its own baseline and, when there is one, against the current
+champion, on the same SuperNI instances. With neither there is nothing to beat, and the
+challenger is rejected unless forced. The evaluation figures, both comparisons, the gate
+and the decision are version tags, so the registry alone explains why a version is or is
+not champion. How a version was created (mlflow.transformers, plain artifacts) does not
+matter here: only its version number and tags do.
 """
 
 from __future__ import annotations
@@ -26,12 +29,18 @@ from refine_af.config import EvaluationSettings, RegistrySettings
 from refine_af.errors import InputError
 from refine_af.superni import EvaluationResult
 
-CHALLENGER, CHAMPION = "challenger", "champion"
+CHALLENGER, CHAMPION, BASELINE = "challenger", "champion", "baseline"
 EVAL = "refine_af.eval."
 PROMOTION = "refine_af.promotion."
 EVAL_RUN_TAG, EVAL_ARTIFACT_TAG = f"{EVAL}run_id", f"{EVAL}artifact"
+BASELINE_VERSION_TAG = f"{EVAL}baseline_version"
+POLICY_TAG = "refine_af.policy"
 
 Decision = Literal["promoted", "forced", "rejected", "unchanged"]
+NOTHING_TO_BEAT = (
+    "nothing to beat: no baseline was evaluated with this version (run_baseline=false) "
+    "and there is no champion; override with `refine-af promote --force --reason …`"
+)
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,18 @@ class Promotion:
     champion_before: str | None
     decision: Decision
     reasons: list[str]
-    comparison: Comparison | None = None
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+    """opponent ("baseline", "champion") → the challenger's comparison with it"""
     tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def rejected(self) -> bool:
         return self.decision == "rejected"
+
+    @property
+    def summary(self) -> str:
+        """The decision and why: the unmet conditions when rejected, all of them otherwise."""
+        return self.tags.get(f"{PROMOTION}summary", f"{self.decision}: {'; '.join(self.reasons)}")
 
 
 @dataclass(frozen=True)
@@ -136,12 +151,7 @@ def evaluation_tags(result: EvaluationResult) -> dict[str, str]:
     }
 
 
-def mark_challenger(
-    client: mlflow.MlflowClient, model_name: str, version: str, evaluation: EvaluationResult
-) -> dict[str, str]:
-    """Tag ``version`` with its evaluation and point the ``challenger`` alias at it."""
-    model_version = require_version(client, model_name, version)
-    tags = evaluation_tags(evaluation)
+def _require_eval_run(client: mlflow.MlflowClient, tags: dict[str, str]) -> None:
     try:
         client.get_run(tags[EVAL_RUN_TAG])
     except MlflowException as error:
@@ -151,51 +161,101 @@ def mark_challenger(
             f"the evaluation run {tags[EVAL_RUN_TAG]} is not in the tracking store at "
             f"{client.tracking_uri}; evaluate with this store so promote can read it"
         ) from error
+
+
+def mark_challenger(
+    client: mlflow.MlflowClient,
+    model_name: str,
+    version: str,
+    evaluation: EvaluationResult,
+    baseline_version: str | None = None,
+) -> dict[str, str]:
+    """Tag ``version`` with its evaluation and point the ``challenger`` alias at it.
+
+    ``baseline_version``: the run's no-RL baseline, registered and evaluated on the same
+    instances; promote gates the challenger against it.
+    """
+    model_version = require_version(client, model_name, version)
+    if baseline_version is not None:
+        require_version(client, model_name, baseline_version)
+        if str(baseline_version) == str(version):
+            raise InputError(f"version {version} cannot be its own baseline")
+    tags = evaluation_tags(evaluation)
+    if baseline_version is not None:
+        tags[BASELINE_VERSION_TAG] = str(baseline_version)
+    _require_eval_run(client, tags)
     _write_tags(client, model_version, tags, prefix=EVAL)
     client.set_registered_model_alias(model_name, CHALLENGER, str(version))
+    return tags
+
+
+def mark_baseline(
+    client: mlflow.MlflowClient, model_name: str, version: str, evaluation: EvaluationResult
+) -> dict[str, str]:
+    """Tag the run's no-RL baseline ``version`` with its evaluation; alias ``baseline``.
+
+    The alias follows the latest run's baseline; each challenger names its own baseline
+    version in ``refine_af.eval.baseline_version``, so older runs stay explained.
+    """
+    model_version = require_version(client, model_name, version)
+    tags = evaluation_tags(evaluation)
+    _require_eval_run(client, tags)
+    _write_tags(client, model_version, tags, prefix=EVAL)
+    client.set_registered_model_alias(model_name, BASELINE, str(version))
     return tags
 
 
 # ---------------------------------------------------------------- promotion
 
 
-def check_gate(c: Comparison, gate: RegistrySettings) -> tuple[bool, list[str]]:
-    """Does the challenger beat the champion by the gate? Each condition says why."""
+def check_gate(c: Comparison, gate: RegistrySettings, opponent: str) -> list[tuple[bool, str]]:
+    """The gate's conditions against ``opponent``: (met?, why) each.
+
+    Ties (|delta| ≤ stage5.tie_tolerance) do not count as improved.
+    """
     enough = c.pct_improved >= gate.min_pct_tasks_improved
     kept_mean = c.mean_delta >= -gate.max_mean_drop
-    return enough and kept_mean, [
-        f"{c.pct_improved:.1f}% of tasks improved ({c.improved}/{c.tasks}; "
-        f"{'meets' if enough else 'below'} the required {gate.min_pct_tasks_improved:g}%)",
-        f"mean ROUGE-L {c.candidate_rougeL:.2f} vs champion {c.baseline_rougeL:.2f} "
-        f"(delta {c.mean_delta:+.2f}; {'within' if kept_mean else 'beyond'} the allowed drop "
-        f"of {gate.max_mean_drop:g})",
+    return [
+        (
+            enough,
+            f"{c.pct_improved:.1f}% of tasks improved over the {opponent} ({c.improved} of "
+            f"{c.tasks}, {c.ties} tied), gate needs ≥ {gate.min_pct_tasks_improved:g}%",
+        ),
+        (
+            kept_mean,
+            f"mean ROUGE-L {c.candidate_rougeL:.2f} vs {c.baseline_rougeL:.2f} for the "
+            f"{opponent} (delta {c.mean_delta:+.2f}, 95% CI [{c.ci_low:+.2f}, "
+            f"{c.ci_high:+.2f}]), gate allows a drop of at most {gate.max_mean_drop:g}",
+        ),
     ]
 
 
 def _promotion_tags(
     decision: Decision,
     reasons: list[str],
-    champion: str | None,
-    compared: Comparison | None,
+    opponents: dict[str, str],
+    comparisons: dict[str, Comparison],
     gate: RegistrySettings,
 ) -> dict[str, str]:
     tags = {
         f"{PROMOTION}decision": decision,
         f"{PROMOTION}reason": "; ".join(reasons),
-        f"{PROMOTION}against": champion or "none",
+        f"{PROMOTION}against": ", ".join(f"{k} v{v}" for k, v in opponents.items()) or "none",
         f"{PROMOTION}gate": (
             f"min_pct_tasks_improved={gate.min_pct_tasks_improved:g}, "
             f"max_mean_drop={gate.max_mean_drop:g}"
         ),
     }
-    if compared is not None:
+    for opponent, compared in comparisons.items():
+        prefix = f"{PROMOTION}{opponent}."
         tags.update(
             {
-                f"{PROMOTION}pct_tasks_improved": f"{compared.pct_improved:.2f}",
-                f"{PROMOTION}tasks": f"{compared.improved} improved, {compared.ties} tied, "
+                f"{prefix}version": opponents[opponent],
+                f"{prefix}pct_tasks_improved": f"{compared.pct_improved:.2f}",
+                f"{prefix}tasks": f"{compared.improved} improved, {compared.ties} tied, "
                 f"{compared.worse} worse of {compared.tasks}",
-                f"{PROMOTION}mean_delta": f"{compared.mean_delta:.4f}",
-                f"{PROMOTION}ci95": f"[{compared.ci_low:.4f}, {compared.ci_high:.4f}]",
+                f"{prefix}mean_delta": f"{compared.mean_delta:.4f}",
+                f"{prefix}ci95": f"[{compared.ci_low:.4f}, {compared.ci_high:.4f}]",
             }
         )
     return tags
@@ -213,6 +273,16 @@ def _write_tags(
             client.set_model_version_tag(name, version, key, value)
 
 
+def _opponents(model_version: ModelVersion, champion: str | None, version: str) -> dict[str, str]:
+    """Who the challenger must beat: its run's baseline (if evaluated) and the champion."""
+    opponents = {}
+    if baseline := model_version.tags.get(BASELINE_VERSION_TAG):
+        opponents[BASELINE] = baseline
+    if champion is not None and champion != str(version):
+        opponents[CHAMPION] = champion
+    return opponents
+
+
 def promote(
     client: mlflow.MlflowClient,
     model_name: str,
@@ -225,10 +295,12 @@ def promote(
 ) -> Promotion:
     """Move ``champion`` to ``version`` (default: the challenger) if it passes the gate.
 
-    The gate compares the version's evaluation with the champion's, task by task; with no
-    champion yet the first evaluated version wins. ``force`` promotes regardless and
-    records ``reason``. The decision and figures become version tags; promoting the
-    champion again changes nothing. Everything is read and checked before the first write.
+    The gate compares the version's evaluation task by task with its run's no-RL baseline
+    (``refine_af.eval.baseline_version``) and with the champion's, and must pass against
+    each. With neither there is nothing to beat: rejected. ``force`` promotes regardless
+    and records ``reason``. The decision, the comparisons and the gate become version tags;
+    promoting the champion again changes nothing. Everything is read and checked before
+    the first write.
     """
     if force and not (reason and reason.strip()):
         raise InputError("--force needs --reason: say why the gate is overridden")
@@ -248,15 +320,24 @@ def promote(
         return Promotion(
             model_name, str(version), champion, "unchanged", [f"version {version} is champion"]
         )
+    if model_version.tags.get(POLICY_TAG) == "base" and not force:
+        raise InputError(
+            f"version {version} is a no-RL baseline ({POLICY_TAG}=base): it is what a "
+            "challenger is measured against, not a candidate; promote it with --force --reason"
+        )
 
-    compared, reasons = None, []
+    opponents = _opponents(model_version, champion, str(version))
+    comparisons: dict[str, Comparison] = {}
+    reasons: list[str] = []
     try:
         challenger_eval = load_evaluation(client, model_version)
-        if champion is not None:
-            champion_eval = load_evaluation(client, require_version(client, model_name, champion))
-            compared = comparison.compare(
+        for opponent, opponent_version in opponents.items():
+            opponent_eval = load_evaluation(
+                client, require_version(client, model_name, opponent_version)
+            )
+            comparisons[opponent] = comparison.compare(
                 challenger_eval,
-                champion_eval,
+                opponent_eval,
                 tie_tolerance=evaluation.tie_tolerance,
                 bootstrap_samples=evaluation.bootstrap_samples,
                 seed=evaluation.seed,
@@ -265,27 +346,32 @@ def promote(
         if not force:
             raise
         reasons.append(f"no comparison: {error}")
-    if champion is None:
-        passed = True
-        reasons.append("no champion yet")
-    elif compared is not None:
-        passed, gate_reasons = check_gate(compared, gate)
-        reasons.extend(gate_reasons)
-    else:
-        passed = False
+    unmet: list[str] = []
+    for opponent, compared in comparisons.items():
+        for met, why in check_gate(compared, gate, f"{opponent} v{opponents[opponent]}"):
+            reasons.append(why)
+            if not met:
+                unmet.append(why)
+    if not opponents:
+        unmet.append(NOTHING_TO_BEAT)
+        reasons.append(NOTHING_TO_BEAT)
     if force:
         decision: Decision = "forced"
         reasons.insert(0, f"forced: {reason.strip()}")
+    elif not unmet and len(comparisons) == len(opponents):
+        decision = "promoted"
     else:
-        decision = "promoted" if passed else "rejected"
-    tags = _promotion_tags(decision, reasons, champion, compared, gate)
+        decision = "rejected"
+    headline = "; ".join(unmet if decision == "rejected" else reasons)
+    tags = _promotion_tags(decision, reasons, opponents, comparisons, gate)
+    tags[f"{PROMOTION}summary"] = f"{decision}: {headline}"
     tags[f"{PROMOTION}eval_run_id"] = model_version.tags.get(EVAL_RUN_TAG, "none")
     if decision != "rejected":
         tags[f"{PROMOTION}time"] = datetime.now(UTC).isoformat(timespec="seconds")
     _write_tags(client, model_version, tags, prefix=PROMOTION)
     if decision != "rejected":
         client.set_registered_model_alias(model_name, CHAMPION, str(version))
-    return Promotion(model_name, str(version), champion, decision, reasons, compared, tags)
+    return Promotion(model_name, str(version), champion, decision, reasons, comparisons, tags)
 
 
 # ---------------------------------------------------------------- listing

@@ -1,11 +1,12 @@
 """Stage 2: reinforcement learning from automated feedback (REFINE-AF's RLAF).
 
-The policy is the base model with a LoRA adapter; it writes one (input, output) instance
-per stage-1 instruction from the instance-generation prompt, and the composite automated
-reward scores what it wrote. trl trains it: GRPO by default, RLOO on request, both with the
-KL penalty to the frozen base (the adapter switched off), maximising E[r] − β·KL(π‖π_ref).
-The paper used PPO; trl ≥ 1.0 no longer ships PPOTrainer, and GRPO/RLOO optimise the same
-KL-regularised objective without a value model.
+The policy is the base model with a LoRA adapter; it writes instances for a stage-1
+instruction from the instance-generation prompt in stage 3's format (``stage3.format``:
+several per completion as Self-Instruct, or one), and the composite automated reward scores
+what it wrote (a completion earns the mean reward of its instances). trl trains it: GRPO by
+default, RLOO on request, both with the KL penalty to the frozen base (the adapter switched
+off), maximising E[r] − β·KL(π‖π_ref). The paper used PPO; trl ≥ 1.0 no longer ships
+PPOTrainer, and GRPO/RLOO optimise the same KL-regularised objective without a value model.
 
 Outputs (in ``out_dir``): ``adapter/`` (LoRA weights + tokenizer; its config names the
 base by its reference, so ``models.load_causal_lm(out_dir / "adapter")`` loads base +
@@ -34,7 +35,7 @@ from refine_af import launch, models, records, storage, threads, tracking
 from refine_af.config import PRESETS_DIR, RlafSettings, RunConfig
 from refine_af.errors import InputError
 from refine_af.feedback import FAILURES, CompositeReward, RewardBatch, build_scorers
-from refine_af.instances_format import build_prompt, parse_completion
+from refine_af.instances_format import Format, build_prompt, parse_instances
 from refine_af.records import InstructionRecord
 
 ADAPTER_DIR = "adapter"
@@ -120,10 +121,17 @@ class TrlRewards:
     """
 
     def __init__(
-        self, composite: CompositeReward, *, max_completion_length: int, eos_token_ids: set[int]
+        self,
+        composite: CompositeReward,
+        *,
+        max_completion_length: int,
+        eos_token_ids: set[int],
+        format: Format = "one_per_prompt",
+        max_instances: int = 5,
     ) -> None:
         self.composite = composite
         self.max_completion_length, self.eos_token_ids = max_completion_length, eos_token_ids
+        self.format, self.max_instances = format, max_instances
         self.samples: deque[dict[str, Any]] = deque(maxlen=SAMPLES_KEPT)
         self._key: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self._batch: RewardBatch | None = None
@@ -144,8 +152,15 @@ class TrlRewards:
         key = (tuple(prompts), tuple(completions))
         if key == self._key and self._batch is not None:
             return self._batch
-        parsed = [
-            parse_completion(instruction, is_classification, text, finished=self._finished(ids))
+        groups = [
+            parse_instances(
+                instruction,
+                is_classification,
+                text,
+                finished=self._finished(ids),
+                format=self.format,
+                max_instances=self.max_instances,
+            )
             for instruction, is_classification, text, ids in zip(
                 columns["instruction"],
                 columns["is_classification"],
@@ -154,12 +169,12 @@ class TrlRewards:
                 strict=True,
             )
         ]
-        batch = self.composite(parsed)
+        batch = self.composite.per_completion(groups)
         self._key, self._batch = key, batch
         counts = batch.failure_counts()
         if log_metric := columns.get("log_metric"):
             for failure in FAILURES:
-                log_metric(f"floored/{failure}", counts[failure] / len(parsed))
+                log_metric(f"floored/{failure}", counts[failure] / len(groups))
         for instruction, text, reward, failure in zip(
             columns["instruction"], completions, batch.rewards, batch.failures, strict=True
         ):
@@ -224,12 +239,17 @@ def build_trainer(
     policy = models.load_causal_lm(config.model.base, dtype=config.model.dtype, device="cpu")
     eos = policy.generation_config.eos_token_id
     eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    fmt = config.stage3.format  # the policy learns to write what stage 3 will ask for
     rewards = TrlRewards(
-        composite, max_completion_length=settings.max_completion_length, eos_token_ids=eos_ids
+        composite,
+        max_completion_length=settings.max_completion_length,
+        eos_token_ids=eos_ids,
+        format=fmt,
+        max_instances=config.stage3.max_per_instruction,
     )
     dataset = Dataset.from_dict(
         {
-            "prompt": [build_prompt(r.instruction, r.is_classification) for r in instructions],
+            "prompt": [build_prompt(r.instruction, r.is_classification, fmt) for r in instructions],
             "instruction": [r.instruction for r in instructions],
             "is_classification": [r.is_classification for r in instructions],
         }

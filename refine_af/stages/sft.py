@@ -2,21 +2,25 @@
 
 Each example becomes a prompt (the instruction, and its input when it has one) and a
 completion (the output); the loss covers the completion only. The prompt is wrapped in the
-model's chat template when it has one, as stage 5 asks its questions, or in Alpaca's
-template otherwise. Whole instructions are held out for the eval loss, so no task is both
-learnt and measured. The adapter is logged with ``mlflow.transformers`` (the adapter and a
-reference to its base model) and registered as a new version of ``stage6.model_name``,
-tagged with the config hash, the dataset's hash and the policy that wrote the data.
+model's chat template when it has one, or in Alpaca's template otherwise
+(``refine_af.templates``); the template is recorded with the adapter and as a version tag,
+and stage 5 asks its questions in it. Whole instructions are held out for the eval loss, so
+no task is both learnt and measured. The adapter is logged with ``mlflow.transformers`` (the
+adapter and a reference to its base model) and registered as a new version of
+``stage6.model_name``, tagged with the config hash, the dataset's hash and the policy that
+wrote the data.
 
 Outputs (in ``out_dir``): ``adapter/`` (LoRA weights, tokenizer, README.md model card; its
 config names the base by its reference, so ``models.load_causal_lm(out_dir / "adapter")``
-loads base + adapter anywhere), ``sft_config.yaml``, ``metrics.jsonl``, ``summary.json``.
+loads base + adapter anywhere; ``refine_af_template.json`` names the prompt template),
+``sft_config.yaml``, ``metrics.jsonl``, ``summary.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -34,7 +38,7 @@ from refine_af.errors import InputError
 from refine_af.exports import CARD_TEMPLATE
 from refine_af.records import ExampleRecord
 from refine_af.stages.rlaf import StepCallback, deepspeed_config, forwarding_callback
-from refine_af.templates import Template, resolve_template, to_row
+from refine_af.templates import Template, record_template, resolve_template, to_row
 
 ADAPTER_DIR = "adapter"
 MODEL_ARTIFACT = "model"
@@ -352,7 +356,9 @@ def run(
         f"{TAG}dataset_sha256": data.dataset_sha256,
         f"{TAG}policy": data.policy,
         f"{TAG}base_model": config.model.base,
+        f"{TAG}template": template,
     }
+    parent_run_id = os.environ.get(tracking.PARENT_RUN_ENV)
     tracked = (
         tracking.stage_run("sft", workspace, config.to_dict(), tags=tags) if main else nullcontext()
     )
@@ -393,9 +399,12 @@ def run(
             "adapter": ADAPTER_DIR,
         }
         storage.write_text(staging / "README.md", model_card(summary, config))
+        record_template(staging, template)
         _publish(staging, out_dir / ADAPTER_DIR)
         if settings.register_model:
             version_tags = {**tags, f"{TAG}sft_run_id": stage_run.run_id}
+            if parent_run_id:
+                version_tags[f"{TAG}parent_run_id"] = parent_run_id
             card = model_card(summary, config)
             summary["registered_version"] = register(
                 config, trainer, card, version_tags, workspace, template

@@ -15,6 +15,7 @@ def test_interface():
         "candidate": "system.Model@0.0.1",
         "version": "String",
         "baseline": "system.Model@0.0.1",
+        "baseline_version": "String",
     }
     assert outputs == {
         "results": "system.Dataset@0.0.1",
