@@ -1,26 +1,39 @@
-"""Batched generation vs one prompt at a time, with the bundled model on stage 3's prompts.
+"""Batched generation vs one prompt at a time vs a serving engine, with the bundled model on
+stage 3's prompts.
 
 Reference: the same ``TransformersBackend`` with batch size 1, i.e. a loop that calls
 ``generate`` once per prompt. Ours: length-sorted, left-padded batches (stage 3's
-setting, batch 16). Both decode greedily with the same token limit on the same prompts
-(stage 3's instance-writing prompts for the bundled seed instructions), after one warm-up
-call each. Throughput counts the tokens each completion kept (up to its EOS), so the
-padding a batch carries after a sequence ends does not count for it. The last line
-printed is one JSON object; the target is ratio ≥ 5.
+setting, batch 16). The endpoint path: the ``openai`` backend with as many requests in
+flight as the batch size, against ``transformers serve`` on 127.0.0.1 serving the same
+model folder in float32, once without and once with its continuous batching
+(``--continuous-batching``), each started fresh and warmed up with one round of requests.
+All decode greedily with the same token limit on the same prompts (stage 3's
+instance-writing prompts for the bundled seed instructions). Throughput counts the tokens
+each completion kept (in-process: up to its EOS; server: its usage count). The last line
+printed is one JSON object; the targets are ratio ≥ 5 and endpoint_cb_tok_s ≥ batched_tok_s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from refine_af import models, records
+from refine_af.config import EndpointSettings
 from refine_af.data import seed_tasks_path
-from refine_af.generation import SamplingParams, TransformersBackend
+from refine_af.endpoint import OpenAIBackend
+from refine_af.generation import GenerationBackend, SamplingParams, TransformersBackend
 from refine_af.instances_format import build_prompt
 from refine_af.records import SeedTask
 
@@ -32,11 +45,38 @@ def prompts(count: int) -> list[str]:
     return [build_prompt(s.instruction, s.is_classification) for s in seeds]
 
 
+@contextmanager
+def served(model_dir: str, *extra: str) -> Iterator[str]:
+    """``transformers serve`` on a free loopback port; its /v1 URL, stopped afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [str(Path(sys.executable).with_name("transformers")), "serve", model_dir,
+               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+               "--dtype", "float32", *extra]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None:
+                    sys.exit(
+                        f"transformers serve {' '.join(extra)} exited with {server.returncode}"
+                    )
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def tokens_per_second(
-    backend: TransformersBackend, batch: Sequence[str], params: SamplingParams
+    backend: GenerationBackend, batch: Sequence[str], params: SamplingParams, warm_up: int
 ) -> tuple[float, int, float]:
     """(tokens/s, tokens, seconds) of generating for every prompt, after a warm-up call."""
-    backend.generate(batch[: backend.batch_size], params)
+    backend.generate(batch[:warm_up], params)
     started = time.perf_counter()
     completions = backend.generate(batch, params)
     seconds = time.perf_counter() - started
@@ -59,20 +99,35 @@ def main() -> None:
     batch = prompts(args.prompts)
     batched = TransformersBackend(tokenizer, model, batch_size=args.batch_size)
     single = TransformersBackend(tokenizer, model, batch_size=1)
-    batched_rate, batched_tokens, batched_s = tokens_per_second(batched, batch, params)
-    print(f"batched ({args.batch_size}): {batched_tokens} tokens in {batched_s:.1f} s")
-    single_rate, single_tokens, single_s = tokens_per_second(single, batch, params)
+    size = args.batch_size
+    batched_rate, batched_tokens, batched_s = tokens_per_second(batched, batch, params, size)
+    print(f"batched ({size}): {batched_tokens} tokens in {batched_s:.1f} s")
+    single_rate, single_tokens, single_s = tokens_per_second(single, batch, params, 1)
     print(f"one at a time: {single_tokens} tokens in {single_s:.1f} s")
+    del model, batched, single  # the servers get the cores and the memory to themselves
+    model_dir = models.resolve(MODEL)
+    endpoint_rates = {}
+    for name, flags in (("endpoint", ()), ("endpoint_cb", ("--continuous-batching",))):
+        with served(model_dir, *flags) as url:
+            settings = EndpointSettings(base_url=url, server="transformers", max_concurrency=size)
+            endpoint = OpenAIBackend.from_settings(settings, model_dir)
+            rate, tokens, seconds = tokens_per_second(endpoint, batch, params, size)
+        endpoint_rates[name] = rate
+        print(f"{name} ({size} in flight): {tokens} tokens in {seconds:.1f} s")
     result = {
         "bench": "generation",
         "batched_tok_s": round(batched_rate, 2),
         "single_tok_s": round(single_rate, 2),
+        "endpoint_tok_s": round(endpoint_rates["endpoint"], 2),
+        "endpoint_cb_tok_s": round(endpoint_rates["endpoint_cb"], 2),
         "ratio": round(batched_rate / single_rate, 2),
+        "endpoint_cb_vs_batched": round(endpoint_rates["endpoint_cb"] / batched_rate, 2),
         "model": MODEL,
         "prompts": len(batch),
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "threads": torch.get_num_threads(),
+        "load_1min": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result))
 

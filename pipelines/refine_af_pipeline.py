@@ -79,11 +79,13 @@ def processes(gpus):
     return gpus if placement.active().uses_gpus else 1
 
 
-def write_instances(run, pool, indices, shards, policy=None):
+def write_instances(run, pool, indices, shards, endpoint, policy=None):
     """Stage 3 fanned out over the shards, then merged into one dataset."""
     with dsl.ParallelFor(indices) as shard:
         kwargs = {"policy": policy} if policy is not None else {}
-        shard_task = instances(**run, pool=pool, shard=shard, shards=shards, **kwargs)
+        shard_task = instances(
+            **run, pool=pool, shard=shard, shards=shards, generation_endpoint=endpoint, **kwargs
+        )
         on_gpu(on_cluster(shard_task, "shard", cache=True)).set_retry(2)
     merged = merge(shards=dsl.Collected(shard_task.outputs["examples"]))
     on_cluster(merged, "merge", cache=True)
@@ -98,11 +100,18 @@ def fine_tune(run, parent, dataset, gpus):
     return on_gpu(on_cluster(task, "train", cache=False), gpus)
 
 
-def compare(run, parent, candidate, version, baseline=None, baseline_version=None):
+def compare(run, parent, candidate, version, endpoint, baseline=None, baseline_version=None):
     kwargs = {}
     if baseline is not None:
         kwargs = {"baseline": baseline, "baseline_version": baseline_version}
-    task = evaluate(**run, parent_run_id=parent, candidate=candidate, version=version, **kwargs)
+    task = evaluate(
+        **run,
+        parent_run_id=parent,
+        candidate=candidate,
+        version=version,
+        generation_endpoint=endpoint,
+        **kwargs,
+    )
     return on_gpu(on_cluster(task, "generate", cache=False)).set_retry(2)
 
 
@@ -127,6 +136,7 @@ def refine_af_dag(
     shards: int = 2,
     run_baseline: bool = True,
     gpus: int = 1,
+    generation_endpoint: str = "",
 ):
     """Args:
     config: preset name or YAML text of the run configuration.
@@ -136,29 +146,35 @@ def refine_af_dag(
     run_baseline: also build the no-RL baseline and compare with it.
     gpus: GPUs per training step (stages 2 and 4), one ``accelerate launch`` process each;
         the cpu profile trains in one process.
+    generation_endpoint: OpenAI-compatible server (e.g. vLLM's /v1) that stages 1, 3 and 5
+        send their prompts to; "" generates in-process.
     """
     run = {"config": config, "overrides": overrides, "base_model": base_model}
-    planned = on_cluster(plan(**run, shards=shards), "light", cache=False)
+    endpoint = generation_endpoint
+    planned = plan(**run, shards=shards, generation_endpoint=endpoint)
+    on_cluster(planned, "light", cache=False)
     parent = planned.outputs["parent_run_id"]
     fan_out = on_cluster(shard_indices(shards=shards), "tiny", cache=True)
     fan_out.after(planned)
 
     # Cached steps take no parent run id (see WORKFLOW_LABEL); they run after plan.
-    stage1 = instructions(**run).after(planned)
+    stage1 = instructions(**run, generation_endpoint=endpoint).after(planned)
     on_gpu(on_cluster(stage1, "generate", cache=True)).set_retry(2)
     pool, kept = stage1.outputs["pool"], stage1.outputs["Output"]
     stage2 = rlaf(**run, parent_run_id=parent, processes=processes(gpus), pool=pool)
     on_gpu(on_cluster(stage2, "train", cache=False), gpus)
 
-    rl_data = write_instances(run, pool, fan_out.output, shards, policy=stage2.outputs["policy"])
+    rl_data = write_instances(
+        run, pool, fan_out.output, shards, endpoint, policy=stage2.outputs["policy"]
+    )
     rl_model = fine_tune(run, parent, rl_data.outputs["dataset"], gpus=gpus)
     version = rl_model.outputs["Output"]
 
     with dsl.If(run_baseline == True):  # noqa: E712 - a KFP condition, not a Python test
-        base_data = write_instances(run, pool, fan_out.output, shards)
+        base_data = write_instances(run, pool, fan_out.output, shards, endpoint)
         base_model_task = fine_tune(run, parent, base_data.outputs["dataset"], gpus=gpus)
         compared = compare(
-            run, parent, rl_model.outputs["model"], version,
+            run, parent, rl_model.outputs["model"], version, endpoint,
             base_model_task.outputs["model"], base_model_task.outputs["Output"],
         )  # fmt: skip
         finish(
@@ -166,7 +182,7 @@ def refine_af_dag(
             compared.outputs["Output"], base_data.outputs["Output"],
         )  # fmt: skip
     with dsl.Else():
-        alone = compare(run, parent, rl_model.outputs["model"], version)
+        alone = compare(run, parent, rl_model.outputs["model"], version, endpoint)
         finish(run, parent, version, kept, rl_data.outputs["Output"], alone.outputs["Output"])
 
 

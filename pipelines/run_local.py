@@ -2,7 +2,8 @@
 
 The same DAG as on the cluster, executed by ``kfp.local``'s SubprocessRunner in this
 Python environment: artifacts in ``<workspace>/kfp``, MLflow in ``<workspace>/mlflow.db``
-unless ``MLFLOW_TRACKING_URI`` is set. Ends with a summary of the run.
+unless ``MLFLOW_TRACKING_URI`` is set. Ends with a summary of the run and each step's
+wall time.
 
 ``--runner docker`` (``make run-containers``) runs every component in the runtime-cpu
 image under ``kfp.local.DockerRunner``, with MLflow and an S3 stand-in in containers
@@ -12,24 +13,75 @@ image under ``kfp.local.DockerRunner``, with MLflow and an S3 stand-in in contai
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import sys
+import time
 import uuid
 from pathlib import Path
 
-from refine_af import tracking
+from refine_af import threads, tracking
 from refine_af.config import load_config
 from refine_af.errors import InputError
 
+# kfp.local runs at most this many ParallelFor iterations at once (its "conservative" cap)
+LOCAL_PARALLELISM = 2
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-def check_inputs(config: str, overrides: list[str], shards: int) -> None:
+
+class StepClock(logging.Filter):
+    """Each step's wall time, read off kfp.local's "Executing task" / "finished" log lines.
+
+    A filter on the root logger, because kfp.local swaps the root handlers per task.
+    """
+
+    START = re.compile(r"Executing task '([^']+)'")
+    END = re.compile(r"Task '([^']+)' finished with status (\w+)")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: dict[str, list[float]] = {}
+        self.steps: list[tuple[str, float, str]] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = _ANSI.sub("", record.getMessage())
+        if started := self.START.search(text):
+            self.started.setdefault(started[1], []).append(record.created)
+        elif ended := self.END.search(text):
+            begun = self.started.get(ended[1], [])
+            if begun:
+                self.steps.append((ended[1], record.created - begun.pop(0), ended[2]))
+        return True
+
+    def table(self, total: float) -> str:
+        rows = [(name, seconds, status) for name, seconds, status in self.steps]
+        width = max([len(name) for name, _, _ in rows] + [len("pipeline")])
+        lines = ["step wall time (finish order; parallel shards overlap):"]
+        lines += [f"  {name:<{width}}  {_clock(s)}  {st.lower()}" for name, s, st in rows]
+        lines.append(f"  {'pipeline':<{width}}  {_clock(total)}")
+        return "\n".join(lines)
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{seconds % 60:04.1f}"
+
+
+def check_inputs(config: str, overrides: list[str], shards: int, endpoint: str = "") -> None:
     """Bad input stops here, before any component runs."""
     if shards < 1:
         raise InputError(f"--shards must be at least 1, got {shards}")
-    load_config(config, overrides)
+    load_config(config, overrides, generation_endpoint=endpoint)
 
 
-def run(config: str, overrides: list[str], shards: int, run_baseline: bool, workspace: Path):
+def run(
+    config: str,
+    overrides: list[str],
+    shards: int,
+    run_baseline: bool,
+    workspace: Path,
+    generation_endpoint: str = "",
+):
     from kfp import local
 
     from pipelines.refine_af_pipeline import refine_af_pipeline
@@ -39,8 +91,16 @@ def run(config: str, overrides: list[str], shards: int, run_baseline: bool, work
     # On a cluster the pod's Argo workflow name; here one id per run, for the cached steps
     # that find the MLflow parent run by it (refine_af.tracking.PIPELINE_RUN_ENV).
     os.environ[tracking.PIPELINE_RUN_ENV] = f"local-{uuid.uuid4().hex}"
+    # the shards of one ParallelFor share this host's cores (threads.use_share_of_cores)
+    os.environ[threads.PARALLEL_SHARDS_ENV] = str(min(shards, LOCAL_PARALLELISM))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workspace / "kfp"))
-    refine_af_pipeline(config=config, overrides=overrides, shards=shards, run_baseline=run_baseline)
+    refine_af_pipeline(
+        config=config,
+        overrides=overrides,
+        shards=shards,
+        run_baseline=run_baseline,
+        generation_endpoint=generation_endpoint,
+    )
 
 
 def run_in_containers(
@@ -152,15 +212,21 @@ def main() -> None:
                         help="docker: every step in the runtime-cpu image")  # fmt: skip
     parser.add_argument("--mlflow-port", type=int, default=5000,
                         help="with --runner docker: the MLflow UI's port (0: any)")  # fmt: skip
+    parser.add_argument("--generation-endpoint", default="",
+                        help="OpenAI-compatible server for stages 1, 3 and 5, e.g. "
+                        "http://127.0.0.1:8000/v1 (default: in-process)")  # fmt: skip
     args = parser.parse_args()
     config = args.config
     if Path(config).is_file():
         config = Path(config).read_text()  # the pipeline parameter carries YAML text
     try:
-        check_inputs(config, args.overrides, args.shards)
+        check_inputs(config, args.overrides, args.shards, args.generation_endpoint)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    clock = StepClock()
+    logging.getLogger().addFilter(clock)
+    started = time.monotonic()
     if args.runner == "docker":
         from pipelines.containers import StackError
 
@@ -174,10 +240,20 @@ def main() -> None:
             print(f"error: {error}\nrerun the same command to resume: finished steps are "
                   "cached under the workspace", file=sys.stderr)  # fmt: skip
             sys.exit(1)
+        print(clock.table(time.monotonic() - started))
         return
-    run(config, args.overrides, args.shards, not args.no_baseline, args.workspace)
+    run(
+        config,
+        args.overrides,
+        args.shards,
+        not args.no_baseline,
+        args.workspace,
+        args.generation_endpoint,
+    )
+    total = time.monotonic() - started
     model_name = load_config(config, args.overrides).stage6.model_name
     print(summary(args.workspace, model_name))
+    print(clock.table(total))
 
 
 if __name__ == "__main__":

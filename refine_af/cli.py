@@ -26,7 +26,12 @@ from rich.text import Text
 
 from refine_af import __version__
 from refine_af.config import RunConfig, load_config, preset_names
-from refine_af.errors import InputError, StorageUnavailable, TrackingUnavailable
+from refine_af.errors import (
+    EndpointUnavailable,
+    InputError,
+    StorageUnavailable,
+    TrackingUnavailable,
+)
 
 if TYPE_CHECKING:
     from refine_af.stages.evaluate import EvaluateOutcome
@@ -785,6 +790,10 @@ def submit(
         float,
         typer.Option(min=1, help="seconds the KFP API may take to accept the run (or to report)"),
     ] = 60.0,
+    generation_endpoint: Annotated[
+        str,
+        typer.Option(help="OpenAI-compatible server (vLLM) for stages 1, 3, 5; default in-process"),
+    ] = "",
 ) -> None:
     """Compile the pipeline for the cluster and submit it to Kubeflow Pipelines.
 
@@ -828,7 +837,7 @@ def submit(
         try:
             _submit_and_wait(
                 host, experiment, run_config, package, shards, baseline, gpus,
-                service_account, timeout if wait else None, api_timeout,
+                service_account, timeout if wait else None, api_timeout, generation_endpoint,
             )  # fmt: skip
         except submission.SubmitFailed as error:
             err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
@@ -846,6 +855,7 @@ def _submit_and_wait(
     service_account,
     timeout,
     api_timeout,
+    generation_endpoint="",
 ) -> None:
     """Create the run; with a timeout, wait and raise SubmitFailed unless it succeeds."""
     import kfp
@@ -863,6 +873,7 @@ def _submit_and_wait(
                     "shards": shards,
                     "run_baseline": baseline,
                     "gpus": gpus,
+                    "generation_endpoint": generation_endpoint,
                 },
                 experiment_name=experiment,
                 run_name=f"{run_config.name}-{run_config.config_hash()}",
@@ -924,7 +935,7 @@ def _one_line(error: BaseException) -> tuple[int, str]:
     """Exit code and message: 2 when the input is at fault, 1 when the environment is."""
     if isinstance(error, InputError):
         return 2, str(error)
-    if isinstance(error, TrackingUnavailable | StorageUnavailable):
+    if isinstance(error, TrackingUnavailable | StorageUnavailable | EndpointUnavailable):
         return 1, str(error)
     if isinstance(error, OSError):
         where = error.filename or ""

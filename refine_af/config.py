@@ -63,15 +63,43 @@ class ModelSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class EndpointSettings(Section):
+    """An OpenAI-compatible generation server (vLLM's, or ``transformers serve``)."""
+
+    base_url: str = Field("", description="e.g. http://vllm:8000/v1; required for backend openai")
+    model: str = Field(
+        "",
+        description="served name of model.base; empty = model.base (a builtin alias: its folder)",
+    )
+    server: Literal["vllm", "transformers"] = Field(
+        "vllm",
+        description="what answers: vllm (logprobs, LoRA adapters loaded at run time) or "
+        "transformers serve (no logprobs: the judge runs in-process)",
+    )
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable with the key")
+    max_concurrency: int = Field(16, ge=1, description="requests in flight at once")
+    timeout: float = Field(300.0, gt=0.0, description="seconds per request")
+    max_retries: int = Field(2, ge=0, description="the openai client's retries per request")
+
+
 class GenerationSettings(Section):
     """Sampling defaults shared by every stage that generates text."""
 
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "openai"] = Field(
+        "transformers", description="transformers: in-process; openai: the endpoint below"
+    )
+    endpoint: EndpointSettings = EndpointSettings()
     batch_size: int = Field(16, ge=1)
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.5, gt=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _endpoint_named(self) -> GenerationSettings:
+        if self.backend == "openai" and not self.endpoint.base_url:
+            raise ValueError("backend openai needs endpoint.base_url")
+        return self
 
 
 class InstructionsSettings(Section):
@@ -555,14 +583,24 @@ def _validation_message(err: ValidationError, origin: str, overrides: list[str])
 
 
 def load_config(
-    source: str = "local-cpu", overrides: list[str] | None = None, *, base_model: str = ""
+    source: str = "local-cpu",
+    overrides: list[str] | None = None,
+    *,
+    base_model: str = "",
+    generation_endpoint: str = "",
 ) -> RunConfig:
     """Validated config from a preset name or YAML path plus ``section.key=value`` overrides.
 
-    ``base_model``, when given, replaces ``model.base`` (a pipeline parameter of its own).
+    ``base_model``, when given, replaces ``model.base``; ``generation_endpoint``, when given,
+    sends generation to that OpenAI-compatible server (pipeline parameters of their own).
     """
     data, origin = _read_yaml(source)
     extra = [f"model.base={base_model}"] if base_model else []
+    if generation_endpoint:
+        extra += [
+            "generation.backend=openai",
+            f"generation.endpoint.base_url={generation_endpoint}",
+        ]
     every_override = [*(overrides or []), *extra]
     data = apply_overrides(data, every_override)
     try:

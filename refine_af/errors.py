@@ -22,3 +22,13 @@ class TrackingUnavailable(RuntimeError):
 
 class StorageUnavailable(RuntimeError):
     """The S3 endpoint cannot be reached or times out; the message names it and the URI."""
+
+
+class EndpointUnavailable(RuntimeError):
+    """A generation server failed after the client's retries; the message names URL and model.
+
+    An environment failure, not bad input: the CLI exits 1, and the stage has written nothing.
+    ``status_code`` is the server's HTTP answer, None when it could not be reached.
+    """
+
+    status_code: int | None = None

@@ -22,7 +22,7 @@ import torch
 from refine_af import models
 from refine_af.config import JUDGE_DIMENSIONS, UNIEVAL_DIMENSIONS, RewardSettings, ScorerSettings
 from refine_af.errors import InputError
-from refine_af.generation import TransformersBackend
+from refine_af.generation import GenerationBackend, TransformersBackend
 from refine_af.instances_format import Instance, Parsed, ParseFailure
 
 NONFINITE = "nonfinite"
@@ -195,9 +195,13 @@ class UniEvalScorer:
 
 
 class JudgeScorer:
-    """A causal instruct model's P(Yes) / (P(Yes) + P(No)) for one question."""
+    """A causal instruct model's P(Yes) / (P(Yes) + P(No)) for one question.
 
-    def __init__(self, backend: TransformersBackend, dimension: str, *, chat: bool) -> None:
+    The backend is in-process or a server that returns logprobs; either puts a chat prompt
+    in the model's template (the server's own chat endpoint does that there).
+    """
+
+    def __init__(self, backend: GenerationBackend, dimension: str, *, chat: bool) -> None:
         self.backend, self.question, self.chat = backend, JUDGE_QUESTIONS[dimension], chat
         self.name = f"llm_judge.{dimension}"
 
@@ -205,19 +209,26 @@ class JudgeScorer:
         text = JUDGE_TEMPLATE.format(
             history=history(instance), output=instance.output, question=self.question
         )
-        if self.chat and self.backend.tokenizer.chat_template:
-            return self.backend.render(text, chat=True)
-        return text + "\nAnswer:"
+        return text if self.chat else text + "\nAnswer:"
 
     def score(self, instances: Sequence[Instance]) -> list[float]:
-        return self.backend.yes_probability([self.prompt(i) for i in instances])
+        return self.backend.yes_probability([self.prompt(i) for i in instances], chat=self.chat)
 
 
 # ---------------------------------------------------------------- building scorers
 
 
-def build_scorers(settings: ScorerSettings, names: Sequence[str]) -> dict[str, Scorer]:
-    """The named scorers, each family's model loaded once (only families that are named)."""
+def build_scorers(
+    settings: ScorerSettings,
+    names: Sequence[str],
+    *,
+    judge_backend: GenerationBackend | None = None,
+) -> dict[str, Scorer]:
+    """The named scorers, each family's model loaded once (only families that are named).
+
+    ``judge_backend``, when given, answers the LLM judge's questions instead of an
+    in-process copy of ``llm_judge.model`` (a server that serves that model).
+    """
     families = {name.split(".")[0] for name in names}
     scorers: dict[str, Scorer] = {}
     if "reward_model" in families:
@@ -240,7 +251,7 @@ def build_scorers(settings: ScorerSettings, names: Sequence[str]) -> dict[str, S
         scorers.update({f"unieval.{d}": UniEvalScorer(unieval, d) for d in UNIEVAL_DIMENSIONS})
     if "llm_judge" in families:
         judge = settings.llm_judge
-        backend = TransformersBackend.from_reference(
+        backend = judge_backend or TransformersBackend.from_reference(
             judge.model, dtype=judge.dtype, device=judge.device, batch_size=judge.batch_size
         )
         scorers.update(

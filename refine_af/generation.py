@@ -46,8 +46,8 @@ class GenerationBackend(Protocol):
         """One completion per prompt, in prompt order."""
         ...
 
-    def yes_probability(self, prompts: Sequence[str]) -> list[float]:
-        """P(Yes) / (P(Yes) + P(No)) for the token that follows each prompt."""
+    def yes_probability(self, prompts: Sequence[str], *, chat: bool = False) -> list[float]:
+        """P(Yes) / (P(Yes) + P(No)) for the token that follows each (rendered) prompt."""
         ...
 
 
@@ -71,11 +71,20 @@ class TransformersBackend:
 
     @classmethod
     def from_reference(
-        cls, reference: str, *, dtype: str = "float32", device: str = "auto", batch_size: int = 16
+        cls,
+        reference: str,
+        *,
+        dtype: str = "float32",
+        device: str = "auto",
+        batch_size: int = 16,
+        expected_base: str | None = None,
+        add_special_tokens: bool = False,
     ) -> TransformersBackend:
         tokenizer = models.load_tokenizer(reference)
-        model = models.load_causal_lm(reference, dtype=dtype, device=device)
-        return cls(tokenizer, model, batch_size)
+        model = models.load_causal_lm(
+            reference, dtype=dtype, device=device, expected_base=expected_base
+        )
+        return cls(tokenizer, model, batch_size, add_special_tokens=add_special_tokens)
 
     def render(self, prompt: str, *, chat: bool) -> str:
         """The prompt as the model sees it: in its chat template when asked and available."""
@@ -143,11 +152,11 @@ class TransformersBackend:
         return sorted(ids)
 
     @torch.inference_mode()
-    def yes_probability(self, prompts: Sequence[str]) -> list[float]:
+    def yes_probability(self, prompts: Sequence[str], *, chat: bool = False) -> list[float]:
         yes_ids, no_ids = self._answer_token_ids("Yes"), self._answer_token_ids("No")
         results = [0.0] * len(prompts)
         for batch in self._batches(prompts):
-            inputs = self._encode([prompts[i] for i in batch])
+            inputs = self._encode([self.render(prompts[i], chat=chat) for i in batch])
             logits = self.model(**inputs).logits[:, -1, :].float()
             probs = torch.softmax(logits, dim=-1)
             yes = probs[:, yes_ids].sum(dim=-1)
@@ -158,23 +167,30 @@ class TransformersBackend:
         return results
 
 
-def backend_for(config: RunConfig) -> GenerationBackend:
-    """The backend a run configuration asks for, with its model loaded."""
-    return make_backend(
-        config.generation.backend,
-        config.model.base,
+def backend_for(
+    config: RunConfig,
+    reference: str | None = None,
+    *,
+    batch_size: int | None = None,
+    add_special_tokens: bool = False,
+) -> GenerationBackend:
+    """The backend a run configuration asks for, for its base model or an adapter of it.
+
+    With ``generation.backend: openai`` the configured server generates; an adapter it cannot
+    serve is generated for in-process instead, and the step says so.
+    """
+    reference = reference or config.model.base
+    if config.generation.backend == "openai":
+        from refine_af.endpoint import endpoint_for
+
+        backend = endpoint_for(config, reference)
+        if backend is not None:
+            return backend
+    return TransformersBackend.from_reference(
+        reference,
         dtype=config.model.dtype,
         device=config.model.device,
-        batch_size=config.generation.batch_size,
-    )
-
-
-def make_backend(
-    backend: str, reference: str, *, dtype: str, device: str, batch_size: int
-) -> GenerationBackend:
-    """The configured backend; only transformers ships today (vLLM would plug in here)."""
-    if backend != "transformers":
-        raise ValueError(f"unknown generation backend {backend!r}")
-    return TransformersBackend.from_reference(
-        reference, dtype=dtype, device=device, batch_size=batch_size
+        batch_size=batch_size or config.generation.batch_size,
+        expected_base=config.model.base if reference != config.model.base else None,
+        add_special_tokens=add_special_tokens,
     )

@@ -179,8 +179,10 @@ def test_llm_judge_prompt_holds_question_request_and_response(tiny_causal_lm_dir
         "Question: Is this a coherent response given the dialogue history? Answer Yes or No."
         "\nAnswer:"
     )
-    chat = judge(tiny_causal_lm_dir, "coherence", chat=True).prompt(INSTANCES[0])
+    chat_judge = judge(tiny_causal_lm_dir, "coherence", chat=True)
+    chat = chat_judge.backend.render(chat_judge.prompt(INSTANCES[0]), chat=True)
     assert chat.startswith("<|im_start|>") and chat.endswith("<|im_start|>assistant\n")
+    assert plain.removesuffix("\nAnswer:") in chat
 
 
 @pytest.mark.slow

@@ -761,6 +761,32 @@ def test_model_cache_component_is_a_valid_rwx_claim(tmp_path: Path) -> None:
     kubernetes_validate.validate(claim, K8S_SCHEMA_VERSION, strict=True)
 
 
+def test_serving_overlay_runs_vllm_with_lora_on_a_gpu(rendered) -> None:
+    objs = rendered["overlays/serving"]
+    [deploy] = [o for o in objs if o["kind"] == "Deployment" and _name(o).endswith("vllm")]
+    spec = deploy["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    assert container["image"].startswith("vllm/vllm-openai:v")
+    assert container["command"] == ["vllm", "serve"] and "--enable-lora" in container["args"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    claim = volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"]
+    assert any(
+        o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == claim for o in objs
+    )
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "True"
+    [service] = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "vllm"]
+    assert service["spec"]["ports"][0]["port"] == 8000
+    assert any(o["kind"] == "NetworkPolicy" and _selects(o, "vllm") for o in objs)
+
+
 def object_counts(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
     return {rel: len(objs) for rel, objs in rendered.items()}
 

@@ -18,6 +18,7 @@ def evaluate(
     metrics: dsl.Output[dsl.Metrics],
     baseline: dsl.Input[dsl.Model] = None,
     baseline_version: str = "",
+    generation_endpoint: str = "",
 ) -> float:
     """Evaluates the fine-tuned adapters; tags ``version`` and makes it the challenger.
 
@@ -36,7 +37,9 @@ def evaluate(
 
     os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
     workspace = Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af"))
-    run_config = load_config(config, list(overrides), base_model=base_model)
+    run_config = load_config(
+        config, list(overrides), base_model=base_model, generation_endpoint=generation_endpoint
+    )
     outcome = stage.run(
         run_config,
         Path(results.path),

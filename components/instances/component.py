@@ -15,6 +15,7 @@ def instances(
     shards: int,
     examples: dsl.Output[dsl.Dataset],
     policy: dsl.Input[dsl.Model] = None,
+    generation_endpoint: str = "",
 ):
     """Writes shard ``shard`` of ``shards`` to ``examples``; without ``policy``: the baseline.
 
@@ -28,7 +29,12 @@ def instances(
     from refine_af.stages import instances as stage
 
     adapter = [f"stage3.adapter={Path(policy.path) / 'adapter'}"] if policy is not None else []
-    run_config = load_config(config, [*overrides, *adapter], base_model=base_model)
+    run_config = load_config(
+        config,
+        [*overrides, *adapter],
+        base_model=base_model,
+        generation_endpoint=generation_endpoint,
+    )
     result = stage.execute(
         run_config,
         Path(pool.path) / "instructions.jsonl",

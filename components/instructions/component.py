@@ -12,6 +12,7 @@ def instructions(
     base_model: str,
     pool: dsl.Output[dsl.Dataset],
     metrics: dsl.Output[dsl.Metrics],
+    generation_endpoint: str = "",
 ) -> int:
     """Writes the stage's output folder to ``pool``; returns the accepted count.
 
@@ -28,7 +29,9 @@ def instructions(
     from refine_af.config import load_config
     from refine_af.stages import instructions as stage
 
-    run_config = load_config(config, list(overrides), base_model=base_model)
+    run_config = load_config(
+        config, list(overrides), base_model=base_model, generation_endpoint=generation_endpoint
+    )
     result = stage.execute(
         run_config,
         Path(pool.path),

@@ -8,7 +8,9 @@ from components.images import RUNTIME_CPU
 
 
 @dsl.component(base_image=RUNTIME_CPU, install_kfp_package=False)
-def plan(config: str, overrides: list, base_model: str, shards: int) -> NamedTuple(
+def plan(
+    config: str, overrides: list, base_model: str, shards: int, generation_endpoint: str = ""
+) -> NamedTuple(
     "Plan",
     [("parent_run_id", str), ("config_hash", str)],
 ):
@@ -24,7 +26,9 @@ def plan(config: str, overrides: list, base_model: str, shards: int) -> NamedTup
 
     if shards < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
-    run_config = load_config(config, list(overrides), base_model=base_model)
+    run_config = load_config(
+        config, list(overrides), base_model=base_model, generation_endpoint=generation_endpoint
+    )
     config_hash = run_config.config_hash()
     parent = tracking.open_pipeline_run(
         Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),

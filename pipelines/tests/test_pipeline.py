@@ -244,7 +244,8 @@ def test_no_credential_is_a_parameter(compiled):
     _, spec, _ = compiled
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     assert set(parameters) == {
-        "config", "overrides", "base_model", "shards", "run_baseline", "gpus"
+        "config", "overrides", "base_model", "shards", "run_baseline", "gpus",
+        "generation_endpoint",
     }  # fmt: skip
     text = COMPILED.read_text()
     assert "AWS_SECRET_ACCESS_KEY=" not in text and "password" not in text.lower()

@@ -21,16 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refine_af import comparison, models, records, report, storage, superni, templates, tracking
+from refine_af import (
+    comparison,
+    models,
+    records,
+    report,
+    storage,
+    superni,
+    templates,
+    threads,
+    tracking,
+)
 from refine_af.comparison import Comparison
 from refine_af.config import RunConfig
 from refine_af.errors import InputError
-from refine_af.generation import (
-    Completion,
-    GenerationBackend,
-    SamplingParams,
-    TransformersBackend,
-)
+from refine_af.generation import Completion, GenerationBackend, SamplingParams, backend_for
 from refine_af.superni import EvaluationResult, SuperNIInstance
 
 CANDIDATE, BASELINE = "candidate", "baseline"
@@ -120,17 +125,11 @@ def evaluate_model(
 ) -> tuple[EvaluationResult, list[dict[str, Any]]]:
     """Score one model on the instances; returns its result and one row per prediction."""
     tokenizer = models.load_tokenizer(reference)
-    model = models.load_causal_lm(
-        reference,
-        dtype=config.model.dtype,
-        device=config.model.device,
-        expected_base=config.model.base,
-    )
     template = templates.recorded_template(models.resolve(reference))
     prompts, chat = prompts_for(instances, config, template, tokenizer)
-    backend = TransformersBackend(
-        tokenizer,
-        model,
+    backend = backend_for(
+        config,
+        reference,
         batch_size=config.stage5.batch_size,
         add_special_tokens=template is not None and templates.adds_special_tokens(template),
     )
@@ -222,6 +221,7 @@ def run(
     ``deltas.png``; logs all of them with the scores to MLflow. ``on_start`` and
     ``on_progress`` see each model's instance count and progress (progress display).
     """
+    threads.use_share_of_cores()
     settings = config.stage5
     subjects = {CANDIDATE: candidate} | ({BASELINE: baseline} if baseline else {})
     results = {

@@ -27,11 +27,12 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from refine_af import exports, models, postprocess, records, storage, tracking
+from refine_af import exports, models, postprocess, records, storage, threads, tracking
 from refine_af.config import RunConfig
+from refine_af.endpoint import judge_endpoint
 from refine_af.errors import InputError
 from refine_af.feedback import NONFINITE, CompositeReward, RewardBatch, build_scorers
-from refine_af.generation import GenerationBackend, SamplingParams, make_backend
+from refine_af.generation import GenerationBackend, SamplingParams, backend_for
 from refine_af.instances_format import Parsed, build_prompt, stop_strings
 from refine_af.records import ExampleRecord, InstructionRecord
 
@@ -428,19 +429,14 @@ def execute(
     ``adapter_uri`` is where the adapter is kept for good (a KFP artifact's URI) when
     ``stage3.adapter`` is a local copy; the dataset card names it.
     """
+    threads.use_share_of_cores(threads.parallel_shards() if shard is not None else 1)
     load_instructions(instructions_path, config)
     check_adapter(config)
     names = [c.scorer for c in config.stage2.reward.components]
-    reward = CompositeReward.from_settings(
-        config.stage2.reward, build_scorers(config.stage2.scorers, names)
-    )
-    backend = make_backend(
-        config.generation.backend,
-        policy_reference(config),
-        dtype=config.model.dtype,
-        device=config.model.device,
-        batch_size=config.generation.batch_size,
-    )
+    judge = judge_endpoint(config) if any(n.startswith("llm_judge.") for n in names) else None
+    scorers = build_scorers(config.stage2.scorers, names, judge_backend=judge)
+    reward = CompositeReward.from_settings(config.stage2.reward, scorers)
+    backend = backend_for(config, policy_reference(config))
     return run(
         config,
         instructions_path,

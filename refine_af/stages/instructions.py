@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from refine_af import records, storage, tracking
+from refine_af import records, storage, threads, tracking
 from refine_af.config import InstructionsSettings, RunConfig
 from refine_af.data import seed_tasks_path
 from refine_af.errors import InputError
@@ -464,6 +464,7 @@ def execute(
 ) -> InstructionsResult:
     """Check the seed input and the tracking store, then load the configured model and run."""
     check(config, out_dir, workspace, force_resume=force_resume)
+    threads.use_share_of_cores()
     backend = backend_for(config)
     return run(
         config,

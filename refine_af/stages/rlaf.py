@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refine_af import launch, models, records, storage, tracking
+from refine_af import launch, models, records, storage, threads, tracking
 from refine_af.config import PRESETS_DIR, RlafSettings, RunConfig
 from refine_af.errors import InputError
 from refine_af.feedback import FAILURES, CompositeReward, RewardBatch, build_scorers
@@ -461,6 +461,7 @@ def run(
     (composite reward, each component's mean, KL, loss, floored shares) and the reward
     curves to MLflow from the main process.
     """
+    threads.use_share_of_cores()
     from accelerate import PartialState
 
     main = PartialState().is_main_process

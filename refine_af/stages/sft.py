@@ -31,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from refine_af import models, records, serving, storage, tracking
+from refine_af import models, records, serving, storage, threads, tracking
 from refine_af.config import RunConfig
 from refine_af.errors import InputError
 from refine_af.exports import CARD_TEMPLATE
@@ -376,6 +376,7 @@ def run(
     few instructions to hold out, a missing DeepSpeed) raises InputError before any model
     loads and before anything is written.
     """
+    threads.use_share_of_cores()
     from accelerate import PartialState
 
     main = PartialState().is_main_process

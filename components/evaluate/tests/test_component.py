@@ -10,6 +10,7 @@ def test_interface():
         "config": "String",
         "overrides": "List",
         "base_model": "String",
+        "generation_endpoint": "String",
         "parent_run_id": "String",
         "candidate": "system.Model@0.0.1",
         "version": "String",

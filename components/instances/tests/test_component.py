@@ -10,6 +10,7 @@ def test_interface():
         "config": "String",
         "overrides": "List",
         "base_model": "String",
+        "generation_endpoint": "String",
         "pool": "system.Dataset@0.0.1",
         "shard": "Integer",
         "shards": "Integer",

@@ -10,6 +10,7 @@ def test_interface():
         "config": "String",
         "overrides": "List",
         "base_model": "String",
+        "generation_endpoint": "String",
     }  # no parent_run_id: it would change the cache key every run
     assert outputs == {
         "pool": "system.Dataset@0.0.1",

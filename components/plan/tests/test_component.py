@@ -10,6 +10,7 @@ def test_interface():
         "config": "String",
         "overrides": "List",
         "base_model": "String",
+        "generation_endpoint": "String",
         "shards": "Integer",
     }
     assert outputs == {"parent_run_id": "String", "config_hash": "String"}
