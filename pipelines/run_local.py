@@ -132,13 +132,15 @@ def run_in_containers(
         )
         os.environ["MLFLOW_TRACKING_URI"] = stack.mlflow_url
         objects = containers.list_objects(stack.s3_url)
-        print(summary(workspace, load_config(config, overrides).stage6.model_name))
+        model_name = load_config(config, overrides).stage6.model_name
+        print(summary(workspace, model_name, ui_hint=False))  # the server is gone afterwards
         print(f"\nS3 objects written ({len(objects)}, s3://{containers.BUCKET}, mirrored to "
               f"{workspace / 's3' / containers.BUCKET}):")  # fmt: skip
         for prefix, count in sorted(_by_prefix(objects).items()):
             print(f"  {prefix:<60} {count}")
-        print(f"MLflow UI during the run: {stack.mlflow_url} (the server is removed now; "
-              f"its store stays in {workspace / 'mlflow' / 'mlflow.db'})")  # fmt: skip
+        store = workspace / "mlflow" / "mlflow.db"
+        print(f"MLflow UI during the run: {stack.mlflow_url} (the server is removed now)")
+        print(f"its store stays: .venv/bin/mlflow ui --backend-store-uri sqlite:///{store}")
     return objects
 
 
@@ -156,8 +158,11 @@ def _shown(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def summary(workspace: Path, model_name: str) -> str:
-    """The run's headline figures from MLflow: the last pipeline run and the registry."""
+def summary(workspace: Path, model_name: str, *, ui_hint: bool = True) -> str:
+    """The run's headline figures from MLflow: the last pipeline run and the registry.
+
+    ``ui_hint`` adds the command that opens the MLflow UI on the run's store.
+    """
     client = tracking.connect(workspace)
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
@@ -195,8 +200,9 @@ def summary(workspace: Path, model_name: str) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {_shown(value)}" for name, value in rows]
-    uri = tracking.tracking_uri(workspace)
-    lines.append(f"\nopen the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri}")
+    if ui_hint:
+        uri = tracking.tracking_uri(workspace)
+        lines.append(f"\nopen the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri}")
     return "\n".join(lines)
 
 
