@@ -238,12 +238,20 @@ def stack(workspace: Path, mlflow_port: int = 5000) -> Iterator[Stack]:
             own_workspace(workspace)
 
 
-def docker_runner(stack_: Stack, stage_workspace: Path):
+def docker_runner(stack_: Stack, stage_workspace: Path, pipeline_run: str):
     """Steps as uid 1000 on the stack's network; ``stage_workspace`` must be mounted
-    (inside the pipeline root: kfp's own workspace_root is deleted after every run)."""
+    (inside the pipeline root: kfp's own workspace_root is deleted after every run).
+    ``pipeline_run`` names this run for the cached steps that find its MLflow parent by it,
+    as the pod's workflow label does on a cluster (refine_af.tracking.PIPELINE_RUN_ENV)."""
     from kfp import local
 
-    env = {**stack_.component_env, "REFINE_AF_WORKSPACE": str(stage_workspace)}
+    from refine_af import tracking
+
+    env = {
+        **stack_.component_env,
+        "REFINE_AF_WORKSPACE": str(stage_workspace),
+        tracking.PIPELINE_RUN_ENV: pipeline_run,
+    }
     return local.DockerRunner(
         network=stack_.network, user=f"{UID}:{UID}", environment=env, extra_hosts=stack_.hosts
     )

@@ -90,7 +90,7 @@ def run(
     os.environ["REFINE_AF_WORKSPACE"] = str(workspace)
     # On a cluster the pod's Argo workflow name; here one id per run, for the cached steps
     # that find the MLflow parent run by it (refine_af.tracking.PIPELINE_RUN_ENV).
-    os.environ[tracking.PIPELINE_RUN_ENV] = f"local-{uuid.uuid4().hex}"
+    os.environ[tracking.PIPELINE_RUN_ENV] = new_pipeline_run()
     # the shards of one ParallelFor share this host's cores (threads.use_share_of_cores)
     os.environ[threads.PARALLEL_SHARDS_ENV] = str(min(shards, LOCAL_PARALLELISM))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workspace / "kfp"))
@@ -101,6 +101,11 @@ def run(
         run_baseline=run_baseline,
         generation_endpoint=generation_endpoint,
     )
+
+
+def new_pipeline_run() -> str:
+    """An id for one local run, standing in for the cluster's workflow name."""
+    return f"local-{uuid.uuid4().hex}"
 
 
 def run_in_containers(
@@ -123,7 +128,9 @@ def run_in_containers(
         (workspace / "kfp" / ".refine-af").mkdir(parents=True, exist_ok=True)
         containers.own_workspace(workspace)
         local.init(
-            runner=containers.docker_runner(stack, workspace / "kfp" / ".refine-af"),
+            runner=containers.docker_runner(
+                stack, workspace / "kfp" / ".refine-af", new_pipeline_run()
+            ),
             pipeline_root=str(workspace / "kfp"),
             enable_caching=True,
         )
