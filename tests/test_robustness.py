@@ -90,15 +90,16 @@ def test_1_lock_of_a_killed_run_is_taken_over(tmp_path):
 
 
 def test_1_two_processes_racing_on_one_folder_lose_and_duplicate_nothing(tmp_path):
-    """Two stage 1 runs at once on one folder: one wins, the other exits 2; the result has
-    every id once."""
+    """Two stage 1 runs started together on one folder: while one holds it the other exits 2
+    (or, when the first finished before the second took the lock, the second finds the target
+    met and writes nothing); either way the result has every id once."""
     out, ws = tmp_path / "out", tmp_path / "ws"
     script = Path(__file__).with_name("scripted_backend.py")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     command = [sys.executable, str(script), str(out), str(ws), "20"]
     runs = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE) for _ in range(2)]
     codes = sorted(run.wait(timeout=300) for run in runs)
-    assert codes == [0, 2], [run.stderr.read() for run in runs]
+    assert codes in ([0, 2], [0, 0]), [run.stderr.read() for run in runs]
     pool = records.read_records(out / "instructions.jsonl", InstructionRecord)
     machine = [r for r in pool if r.source == "machine"]
     assert len(machine) == len({r.id for r in machine}) == 20
