@@ -161,8 +161,8 @@ def refine_af_dag(
     stage1 = instructions(**run, generation_endpoint=endpoint).after(planned)
     on_gpu(on_cluster(stage1, "generate", cache=True)).set_retry(2)
     pool, kept = stage1.outputs["pool"], stage1.outputs["Output"]
-    stage2 = rlaf(**run, parent_run_id=parent, processes=processes(gpus), pool=pool)
-    on_gpu(on_cluster(stage2, "train", cache=False), gpus)
+    stage2 = rlaf(**run, processes=processes(gpus), pool=pool).after(planned)
+    on_gpu(on_cluster(stage2, "train", cache=True), gpus)
 
     rl_data = write_instances(
         run, pool, fan_out.output, shards, endpoint, policy=stage2.outputs["policy"]

@@ -10,7 +10,6 @@ def rlaf(
     config: str,
     overrides: list,
     base_model: str,
-    parent_run_id: str,
     processes: int,
     pool: dsl.Input[dsl.Dataset],
     policy: dsl.Output[dsl.Model],
@@ -19,7 +18,9 @@ def rlaf(
     """Writes stage 2's folder (LoRA ``adapter/``, reward curves, summary) to ``policy``.
 
     Trains under ``accelerate launch --num_processes processes`` (one per GPU), so the
-    presets' DeepSpeed configs get the distributed environment they need.
+    presets' DeepSpeed configs get the distributed environment they need. Cached: no MLflow
+    parent run id among the inputs (it changes every run); the stage finds its parent by
+    ``REFINE_AF_PIPELINE_RUN``, so a rerun of the pipeline reuses a trained policy.
     """
     import os
     from pathlib import Path
@@ -27,7 +28,6 @@ def rlaf(
     from refine_af import launch
     from refine_af.config import load_config
 
-    os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
     run_config = load_config(config, list(overrides), base_model=base_model)
     out_dir = Path(policy.path)
     stage_args = [

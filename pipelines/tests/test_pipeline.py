@@ -15,7 +15,7 @@ from pipelines.compile import COMPILED, compile_pipeline, images
 GPU_STAGES = {"instructions", "rlaf", "instances", "sft", "evaluate"}
 CPU_STAGES = {"plan", "shard-indices", "merge", "promote"}
 TRAINING_STAGES = {"rlaf", "sft"}
-CACHED_STAGES = {"instructions", "instances", "merge", "shard-indices"}
+CACHED_STAGES = {"instructions", "rlaf", "instances", "merge", "shard-indices"}
 
 
 def _without_sdk_version(text: str) -> str:

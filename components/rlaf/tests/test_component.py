@@ -10,7 +10,6 @@ def test_interface():
         "config": "String",
         "overrides": "List",
         "base_model": "String",
-        "parent_run_id": "String",
         "processes": "Integer",
         "pool": "system.Dataset@0.0.1",
     }
