@@ -1,7 +1,8 @@
 """Containers against subprocesses: image builds and the tiny pipeline, side by side.
 
-Builds the images twice — cold (``docker build --no-cache``, the host wheelhouse already
-filled) and warm (every layer cached: what a rerun of ``make images`` costs) — then runs
+Builds the images twice — cold (the three images and their layers removed first, the base
+image and the host wheelhouse kept) and warm (every layer cached: what a rerun of ``make
+images`` costs) — then runs
 the tiny-settings pipeline once with ``--runner subprocess`` and once with
 ``--runner docker`` in the same session, and counts the S3 objects the container run
 wrote. The last line printed is one JSON object. Targets: image_cpu_gb ≤ 2.5,
@@ -22,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.images import MLFLOW, RUNTIME_CPU  # noqa: E402
+from components.images import MLFLOW, RUNTIME_CPU, S3_STANDIN  # noqa: E402
 from pipelines.tests.test_local_run import TINY  # noqa: E402
 
 IMAGES = ("runtime-cpu", "mlflow", "s3-standin")
@@ -32,6 +33,17 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> float:
     started = time.monotonic()
     subprocess.run(command, check=True, cwd=REPO, env={**os.environ, **(env or {})})
     return time.monotonic() - started
+
+
+def remove_images(refs: list[str]) -> None:
+    """The images and the intermediate layers only they use; the base image stays.
+
+    Not ``docker build --no-cache``: the legacy builder then makes a second copy of every
+    step the Dockerfiles share (runtime-cpu, mlflow and s3-standin start alike), and the
+    next cached build follows the wrong copy and rebuilds runtime-cpu from its COPY on.
+    """
+    subprocess.run(["docker", "image", "rm", "--force", *refs], check=False, capture_output=True)
+    subprocess.run(["docker", "image", "prune", "--force"], check=True, capture_output=True)
 
 
 def image_gb(ref: str) -> float:
@@ -52,13 +64,14 @@ def pipeline(runner: str, workspace: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip-cold", action="store_true", help="no --no-cache build")
+    parser.add_argument("--skip-cold", action="store_true", help="keep the images: warm only")
     args = parser.parse_args()
     build = [str(REPO / "scripts" / "build-images.sh"), *IMAGES]
     cold = None
     if not args.skip_cold:
-        print("== cold build (docker build --no-cache)", flush=True)
-        cold = timed(build, {"DOCKER_BUILD_ARGS": "--no-cache"})
+        print("== cold build (images and their layers removed first)", flush=True)
+        remove_images([RUNTIME_CPU, MLFLOW, S3_STANDIN])
+        cold = timed(build)
     print("== warm build (layers cached)", flush=True)
     warm = timed(build)
     with tempfile.TemporaryDirectory(prefix="bench-containers-") as tmp:
