@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--gpu-toleration", help="key:Effect of the GPU nodes' taint")
     parser.add_argument("--model-cache", default="",
                         help="PVC that model steps share as their model cache")  # fmt: skip
+    parser.add_argument("--served-generation", action="store_true",
+                        help="stage 1 and the base-policy shards as CPU pods that send their "
+                        "prompts to generation_endpoint (give it at submit)")  # fmt: skip
     parser.add_argument("--images", type=Path, metavar="YAML",
                         help="print the images YAML names and exit")  # fmt: skip
     args = parser.parse_args()
@@ -66,6 +69,7 @@ def main() -> None:
             tag=args.tag or where.tag,
             gpu=replace(where.gpu, **gpu),
             model_cache=args.model_cache,
+            served_generation=args.served_generation,
         )
     except ValueError as error:  # a malformed --gpu-node-label or --gpu-toleration
         parser.error(str(error))

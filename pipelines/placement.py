@@ -10,6 +10,12 @@ default registry.
 The pipeline module reads the profile that ``using`` activates while KFP builds the DAG
 (``pipelines.refine_af_pipeline.pipeline_for``), so the DAG is written once for every
 profile.
+
+``served_generation`` (``refine-af submit --generation-endpoint``) places the steps that
+only send prompts to a serving engine (stage 1 and the base-policy stage 3 shards) as
+small CPU pods on runtime-cpu. Steps that generate with a LoRA adapter (the RL-policy
+shards, stage 5) stay model steps: a server that cannot read the adapter leaves them to
+generate in-process.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ GPU_SIZES = {
     "generate": Size("8", "32Gi", "8", "32Gi"),
     "shard": Size("8", "48Gi", "8", "48Gi"),
     "train": Size("8", "64Gi", "8", "64Gi"),
+    "client": Size("1", "2Gi", "2", "4Gi"),
 }
 # Fits kind on a 4-CPU/8-GB Docker VM next to KFP (requests about 0.6 CPU, 2.6 GiB)
 # and MinIO, PostgreSQL, MLflow (0.55 CPU, 1.25 GiB): small requests so that the widest
@@ -83,6 +90,7 @@ CPU_SIZES = {
     "generate": Size("250m", "512Mi", "2", "3Gi"),
     "shard": Size("250m", "512Mi", "2", "3Gi"),
     "train": Size("250m", "768Mi", "2", "4Gi"),
+    "client": Size("250m", "512Mi", "2", "3Gi"),
 }
 
 
@@ -98,6 +106,8 @@ class Placement:
     # Hugging Face and refine-af model cache, so a base model is downloaded once per
     # cluster, not per pod; "" = each pod downloads into its own disk.
     model_cache: str = ""
+    # Generation goes to a serving engine: base-model generating steps need no GPU.
+    served_generation: bool = False
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:

@@ -74,6 +74,14 @@ def on_gpu(task: dsl.PipelineTask, gpus=1) -> dsl.PipelineTask:
     return task
 
 
+def generates(task: dsl.PipelineTask, size: str, *, cache: bool) -> dsl.PipelineTask:
+    """A step that generates with the base model: a model step, or under served generation
+    a small CPU pod that sends its prompts to the endpoint."""
+    if placement.active().served_generation:
+        return on_cluster(task, "client", cache=cache)
+    return on_gpu(on_cluster(task, size, cache=cache))
+
+
 def processes(gpus):
     """Training processes per step: one per GPU, or one on the cpu profile."""
     return gpus if placement.active().uses_gpus else 1
@@ -86,7 +94,10 @@ def write_instances(run, pool, indices, shards, endpoint, policy=None):
         shard_task = instances(
             **run, pool=pool, shard=shard, shards=shards, generation_endpoint=endpoint, **kwargs
         )
-        on_gpu(on_cluster(shard_task, "shard", cache=True)).set_retry(2)
+        if policy is None:  # the base policy: the server's own model
+            generates(shard_task, "shard", cache=True).set_retry(2)
+        else:
+            on_gpu(on_cluster(shard_task, "shard", cache=True)).set_retry(2)
     merged = merge(shards=dsl.Collected(shard_task.outputs["examples"]))
     on_cluster(merged, "merge", cache=True)
     return merged
@@ -159,7 +170,7 @@ def refine_af_dag(
 
     # Cached steps take no parent run id (see WORKFLOW_LABEL); they run after plan.
     stage1 = instructions(**run, generation_endpoint=endpoint).after(planned)
-    on_gpu(on_cluster(stage1, "generate", cache=True)).set_retry(2)
+    generates(stage1, "generate", cache=True).set_retry(2)
     pool, kept = stage1.outputs["pool"], stage1.outputs["Output"]
     stage2 = rlaf(**run, processes=processes(gpus), pool=pool).after(planned)
     on_gpu(on_cluster(stage2, "train", cache=True), gpus)

@@ -305,3 +305,27 @@ def test_model_cache_is_one_claim_shared_by_the_model_steps(tmp_path):
             assert not mounts and not env, name
     committed = COMPILED.read_text()
     assert "pvcMount" not in committed and "HF_HOME" not in committed
+
+
+def test_served_generation_moves_base_model_generation_off_gpus(tmp_path):
+    """With a serving engine, stage 1 and the base-policy shards are small CPU pods;
+    training and the adapter steps (RL-policy shards, stage 5) keep their GPUs."""
+    where = placement.Placement(served_generation=True)
+    path = compile_pipeline(tmp_path / "served.yaml", where)
+    spec, platform = yaml.safe_load_all(path.read_text())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    on_gpus, clients = set(), set()
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        resources = executor["container"].get("resources", {})
+        if "accelerator" in resources:
+            assert "nodeSelector" in k8s[name], name
+            on_gpus.add(name)
+        elif _stage(name) in GPU_STAGES:
+            assert executor["container"]["image"].endswith("/runtime-cpu:0.1.0"), name
+            assert resources["resourceCpuLimit"] == "2", name
+            assert "nodeSelector" not in k8s[name] and "tolerations" not in k8s[name], name
+            clients.add(name)
+    assert {_stage(n) for n in clients} == {"instructions", "instances"}
+    assert {_stage(n) for n in on_gpus} == {"rlaf", "sft", "instances", "evaluate"}
+    # one instances executor per policy: the base policy's is the client
+    assert len([n for n in clients if _stage(n) == "instances"]) == 1
