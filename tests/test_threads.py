@@ -43,3 +43,22 @@ def test_parallel_shards_come_from_the_local_runner(monkeypatch) -> None:
     assert threads.parallel_shards() == 1
     monkeypatch.setenv(threads.PARALLEL_SHARDS_ENV, "2")
     assert threads.parallel_shards() == 2
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")], ids=["default", "explicit"]
+)
+def test_threads_wait_passively_unless_told_otherwise(given, expected) -> None:
+    """Set before torch loads (libgomp reads it once): importing any refine_af module first
+    is enough, and the CLI, the components and the stages all do."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import refine_af.cli, os; import torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
