@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 WORKSPACE ?= workspace
 export REFINE_AF_CACHE ?= $(CURDIR)/.cache/refine-af
 export TOKENIZERS_PARALLELISM := false
+# torch threads wait passively (refine_af/__init__.py says why); also for pytest, whose
+# test modules may load torch before refine_af
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup tools run compile test test-fast lint format bench images lock run-containers kind-load kind-up kind-e2e kind-down clean
 
