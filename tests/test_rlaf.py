@@ -12,7 +12,7 @@ import pytest
 import torch
 from cli_runner import run_cli
 
-from refine_af import cli, launch, models
+from refine_af import cli, launch, models, training, trl_rewards
 from refine_af.config import PRESETS_DIR, load_config
 from refine_af.errors import InputError
 from refine_af.feedback import CompositeReward
@@ -50,11 +50,15 @@ class LengthScorer:
         return [math.nan if i.output == "nan" else float(len(i.output)) for i in instances]
 
 
-def trl_rewards(max_completion_length: int = 8) -> tuple[rlaf.TrlRewards, list[LengthScorer]]:
+def rewards_of_two(
+    max_completion_length: int = 8,
+) -> tuple[trl_rewards.TrlRewards, list[LengthScorer]]:
     scorers = [LengthScorer("a"), LengthScorer("b")]
     composite = CompositeReward([(scorers[0], 2.0), (scorers[1], -0.5)], bias=0.5, floor=-9.0)
     return (
-        rlaf.TrlRewards(composite, max_completion_length=max_completion_length, eos_token_ids={0}),
+        trl_rewards.TrlRewards(
+            composite, max_completion_length=max_completion_length, eos_token_ids={0}
+        ),
         scorers,
     )
 
@@ -69,13 +73,13 @@ BATCH = {
 
 
 def test_trl_sum_of_reward_functions_is_the_composite_reward() -> None:
-    rewards, scorers = trl_rewards()
+    rewards, scorers = rewards_of_two()
     logged: list[tuple[str, float]] = []
     outputs = [
         function(**BATCH, log_metric=lambda name, value: logged.append((name, value)))
         for function in rewards.functions()
     ]
-    assert [f.__name__ for f in rewards.functions()] == ["a", "b", rlaf.BIAS_OR_FLOOR]
+    assert [f.__name__ for f in rewards.functions()] == ["a", "b", trl_rewards.BIAS_OR_FLOOR]
     assert rewards.weights() == [2.0, -0.5, 1.0]
     # trl: None → NaN, weighted, nansum over the functions
     table = torch.tensor([[math.nan if v is None else v for v in out] for out in outputs]).T
@@ -93,7 +97,7 @@ def test_trl_sum_of_reward_functions_is_the_composite_reward() -> None:
 def test_self_instruct_completions_earn_the_mean_reward_of_their_instances() -> None:
     scorers = [LengthScorer("a")]
     composite = CompositeReward([(scorers[0], 1.0)], bias=0.5, floor=-9.0)
-    rewards = rlaf.TrlRewards(
+    rewards = trl_rewards.TrlRewards(
         composite, max_completion_length=8, eos_token_ids={0}, format="self_instruct"
     )
     batch = {
@@ -113,7 +117,7 @@ def test_self_instruct_completions_earn_the_mean_reward_of_their_instances() -> 
 
 
 def test_a_new_batch_is_scored_again() -> None:
-    rewards, scorers = trl_rewards()
+    rewards, scorers = rewards_of_two()
     first, *_ = rewards.functions()
     first(**BATCH)
     first(**{**BATCH, "completions": [" 1\nOutput: 22\n\n", *BATCH["completions"][1:]]})
@@ -141,19 +145,19 @@ def test_max_instructions_is_a_seeded_sample(tmp_path: Path) -> None:
 
 
 def test_deepspeed_config_resolves_bundled_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert rlaf.deepspeed_config(None) is None
-    monkeypatch.setattr(rlaf.importlib.util, "find_spec", lambda name: None)
+    assert training.deepspeed_config(None, "stage2.deepspeed") is None
+    monkeypatch.setattr(training.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InputError, match="needs the deepspeed package"):
-        rlaf.deepspeed_config("zero2")
-    monkeypatch.setattr(rlaf.importlib.util, "find_spec", lambda name: object())
+        training.deepspeed_config("zero2", "stage2.deepspeed")
+    monkeypatch.setattr(training.importlib.util, "find_spec", lambda name: object())
     rendezvous = []
-    monkeypatch.setattr(rlaf.launch, "single_process_rendezvous", lambda: rendezvous.append(1))
-    bundled = Path(rlaf.deepspeed_config("zero2"))
+    monkeypatch.setattr(training.launch, "single_process_rendezvous", lambda: rendezvous.append(1))
+    bundled = Path(training.deepspeed_config("zero2", "stage2.deepspeed"))
     assert rendezvous == [1]  # DeepSpeed on one GPU gets its world of one
     assert bundled == Path(str(PRESETS_DIR.joinpath("deepspeed", "zero2.json")))
     assert json.loads(bundled.read_text())["zero_optimization"]["stage"] == 2
     with pytest.raises(InputError, match="neither a file nor a bundled config"):
-        rlaf.deepspeed_config("zero9")
+        training.deepspeed_config("zero9", "stage2.deepspeed")
 
 
 def test_single_process_rendezvous_fills_in_only_what_no_launcher_set() -> None:
