@@ -17,8 +17,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
+from refine_af import trainer_args
 from refine_af.errors import InputError
 
 PRESETS_DIR = resources.files("refine_af").joinpath("presets")
@@ -30,6 +40,18 @@ def _numeric_only(annotation: Any) -> bool:
         options = typing.get_args(annotation)
         return bool not in options and any(_numeric_only(option) for option in options)
     return annotation in (int, float)
+
+
+class _TrainerArgs(BaseModel):
+    """Leaves ``trainer_args`` out of the dump while it is empty, so configs that pass no
+    trainer arguments keep the hash and run keys they had before the key existed."""
+
+    @model_serializer(mode="wrap")
+    def _without_empty_trainer_args(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        if not data.get("trainer_args"):
+            data.pop("trainer_args", None)
+        return data
 
 
 class Section(BaseModel):
@@ -296,7 +318,7 @@ class LoraSettings(Section):
     target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-class RlafSettings(Section):
+class RlafSettings(Section, _TrainerArgs):
     """Stage 2, RL from automated feedback: LoRA policy, KL to the frozen base, trl trainer."""
 
     trainer: Literal["grpo", "rloo"] = "grpo"
@@ -316,9 +338,18 @@ class RlafSettings(Section):
     deepspeed: str | None = Field(None, description="DeepSpeed JSON: a path or a bundled name")
     save_steps: int = Field(50, ge=1)
     save_total_limit: int = Field(2, ge=1)
+    trainer_args: dict[str, Any] = Field(
+        {}, description="more GRPOConfig/RLOOConfig arguments, e.g. {scale_rewards: batch}"
+    )
     lora: LoraSettings = LoraSettings()
     scorers: ScorerSettings = ScorerSettings()
     reward: RewardSettings = RewardSettings()
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _known_trainer_args(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        trainer_args.check(value, "stage2", info.data.get("trainer", "grpo"))
+        return value
 
     @model_validator(mode="after")
     def _whole_groups(self) -> RlafSettings:
@@ -356,7 +387,7 @@ class InstancesSettings(Section):
     )
 
 
-class SftSettings(Section):
+class SftSettings(Section, _TrainerArgs):
     """Stage 4, supervised fine-tuning of a LoRA adapter on stage 3's examples (trl SFT)."""
 
     template: Literal["auto", "chat", "alpaca"] = Field(
@@ -384,7 +415,16 @@ class SftSettings(Section):
     register_model: bool = Field(
         True, description="register the adapter as a new version of stage6.model_name"
     )
+    trainer_args: dict[str, Any] = Field(
+        {}, description="more SFTConfig arguments, e.g. {packing: true}"
+    )
     lora: LoraSettings = LoraSettings()
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _known_trainer_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        trainer_args.check(value, "stage4", "sft")
+        return value
 
 
 class EvaluationSettings(Section):
