@@ -22,7 +22,7 @@ import torch
 from refine_af import models
 from refine_af.config import JUDGE_DIMENSIONS, UNIEVAL_DIMENSIONS, RewardSettings, ScorerSettings
 from refine_af.errors import InputError
-from refine_af.generation import GenerationBackend, TransformersBackend
+from refine_af.generation import GenerationBackend, TransformersBackend, length_batches
 from refine_af.instances_format import Instance, Parsed, ParseFailure
 
 NONFINITE = "nonfinite"
@@ -61,12 +61,6 @@ class Scorer(Protocol):
 def history(instance: Instance) -> str:
     """The request a response answers: the instruction, then its input if it has one."""
     return "\n".join(part for part in (instance.instruction, instance.input) if part)
-
-
-def _length_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """Index batches of similar length (less padding); callers restore the order."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 # ---------------------------------------------------------------- reward model
@@ -139,7 +133,7 @@ class RewardModelScorer:
     def score(self, instances: Sequence[Instance]) -> list[float]:
         results = [0.0] * len(instances)
         texts = [history(i) + i.output for i in instances]
-        for batch in _length_batches(texts, self.batch_size):
+        for batch in length_batches(texts, self.batch_size):
             logits = self.model(**self._encode([instances[i] for i in batch])).logits
             for row, index in enumerate(batch):
                 results[index] = logits[row, 0].float().item()
@@ -163,7 +157,7 @@ class UniEvalModel:
     def yes_share(self, texts: Sequence[str]) -> list[float]:
         results = [0.0] * len(texts)
         start = self.model.config.decoder_start_token_id
-        for batch in _length_batches(texts, self.batch_size):
+        for batch in length_batches(texts, self.batch_size):
             encoded = self.tokenizer(
                 [texts[i] for i in batch], truncation=True, max_length=self.max_length,
                 padding=True, return_tensors="pt",

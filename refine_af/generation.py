@@ -57,6 +57,15 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def length_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Index batches of similar length, longest first: less padding in each batch.
+
+    Callers put each result back at its index, so the order they return is the input's.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 class TransformersBackend:
     """Generation with a transformers causal LM, in length-sorted left-padded batches."""
 
@@ -94,11 +103,6 @@ class TransformersBackend:
             )
         return prompt
 
-    def _batches(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Index batches of similar length: less padding, and order restored afterwards."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(
             texts, return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens
@@ -111,7 +115,7 @@ class TransformersBackend:
     ) -> list[Completion]:
         results: list[Completion | None] = [None] * len(prompts)
         sampling = params.temperature > 0
-        for batch_no, batch in enumerate(self._batches(prompts)):
+        for batch_no, batch in enumerate(length_batches(prompts, self.batch_size)):
             torch.manual_seed(params.seed + batch_no)
             inputs = self._encode([self.render(prompts[i], chat=chat) for i in batch])
             output = self.model.generate(
@@ -155,7 +159,7 @@ class TransformersBackend:
     def yes_probability(self, prompts: Sequence[str], *, chat: bool = False) -> list[float]:
         yes_ids, no_ids = self._answer_token_ids("Yes"), self._answer_token_ids("No")
         results = [0.0] * len(prompts)
-        for batch in self._batches(prompts):
+        for batch in length_batches(prompts, self.batch_size):
             inputs = self._encode([self.render(prompts[i], chat=chat) for i in batch])
             logits = self.model(**inputs).logits[:, -1, :].float()
             probs = torch.softmax(logits, dim=-1)

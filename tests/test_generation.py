@@ -2,7 +2,7 @@
 
 import pytest
 
-from refine_af.generation import SamplingParams, TransformersBackend, cut_at_stop
+from refine_af.generation import SamplingParams, TransformersBackend, cut_at_stop, length_batches
 
 
 def test_cut_at_the_earliest_stop_string():
@@ -46,3 +46,10 @@ def test_bundled_model_answers_and_stops(bundled_model_dir):
     counting = SamplingParams(max_new_tokens=32, temperature=0.0, stop=("\n7",))
     (numbers,) = backend.generate(["1\n2\n3\n4\n5\n"], counting)
     assert numbers.text == "6" and numbers.finish_reason == "stop"
+
+
+def test_length_batches_take_every_index_once_longest_first() -> None:
+    texts = ["ccc", "a", "eeeee", "bb", "dddd"]
+    batches = length_batches(texts, 2)
+    assert batches == [[2, 4], [0, 3], [1]]
+    assert length_batches([], 4) == []
