@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 
 from refine_af import (
     comparison,
+    eval_metrics,
     models,
     records,
     report,
@@ -35,13 +35,18 @@ from refine_af import (
 from refine_af.comparison import Comparison
 from refine_af.config import RunConfig
 from refine_af.errors import InputError
-from refine_af.generation import Completion, GenerationBackend, SamplingParams, backend_for
+from refine_af.generation import (
+    Completion,
+    GenerationBackend,
+    SamplingParams,
+    backend_for,
+    length_batches,
+)
 from refine_af.superni import EvaluationResult, SuperNIInstance
 
 CANDIDATE, BASELINE = "candidate", "baseline"
 EVALUATION_FILE, PREDICTIONS_FILE = "evaluation.json", "predictions.jsonl"
 COMPARISON_FILE, REPORT_FILE, CHART_FILE = "comparison.json", "report.md", "deltas.png"
-_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 ProgressFn = Callable[[str, int, int], None]
 """(subject, instances done, instances total)"""
@@ -105,10 +110,8 @@ def generate(
     params = SamplingParams(
         max_new_tokens=s.max_new_tokens, temperature=0.0, stop=tuple(s.stop), seed=s.seed
     )
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     completions: list[Completion | None] = [None] * len(prompts)
-    for start in range(0, len(order), s.batch_size):
-        batch = order[start : start + s.batch_size]
+    for batch in length_batches(prompts, s.batch_size):
         outputs = backend.generate([prompts[i] for i in batch], params, chat=chat)
         for index, completion in zip(batch, outputs, strict=True):
             completions[index] = completion
@@ -171,33 +174,6 @@ def _require_subset(result: EvaluationResult, fingerprints: dict[str, str], orig
             f"({len(scored)} vs {len(fingerprints)} tasks); use the stage5 data, tasks, "
             "per_task and seed it was made with"
         )
-
-
-def _metrics(result: EvaluationResult, prefix: str) -> dict[str, float]:
-    metrics = {
-        f"{prefix}.rougeL": result.rougeL,
-        f"{prefix}.rougeL_instances": result.rougeL_instances,
-        f"{prefix}.truncated": float(result.truncated),
-    }
-    for task, scores in result.tasks.items():
-        metrics[f"{prefix}.task.{_METRIC_UNSAFE.sub('_', task)}"] = scores.rougeL
-    for category, score in result.categories.items():
-        metrics[f"{prefix}.category.{_METRIC_UNSAFE.sub('_', category)}"] = score
-    return metrics
-
-
-def _comparison_metrics(c: Comparison) -> dict[str, float]:
-    return {
-        "pct_tasks_improved": c.pct_improved,
-        "pct_tasks_worse": c.pct_worse,
-        "pct_tasks_tied": c.pct_ties,
-        "tasks_improved": float(c.improved),
-        "tasks_worse": float(c.worse),
-        "tasks_tied": float(c.ties),
-        "mean_delta": c.mean_delta,
-        "mean_delta_ci_low": c.ci_low,
-        "mean_delta_ci_high": c.ci_high,
-    }
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -275,7 +251,7 @@ def run(
             stage_run.log_artifact(out_dir / name / PREDICTIONS_FILE, artifact_path=name)
             results[name] = result
         for name, result in results.items():
-            stage_run.log_metrics(_metrics(result, name))
+            stage_run.log_metrics(eval_metrics.of_result(result, name))
 
         compared = None
         if baseline:
@@ -289,7 +265,7 @@ def run(
             _write_json(out_dir / COMPARISON_FILE, compared.model_dump(mode="json"))
             report.plot_deltas(compared, out_dir / CHART_FILE)
             storage.write_text(out_dir / REPORT_FILE, report.comparison_markdown(compared))
-            stage_run.log_metrics(_comparison_metrics(compared))
+            stage_run.log_metrics(eval_metrics.of_comparison(compared))
             stage_run.log_artifact(out_dir / COMPARISON_FILE)
             stage_run.log_artifact(out_dir / CHART_FILE)
         else:
