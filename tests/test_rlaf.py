@@ -267,7 +267,7 @@ def trained(tiny_causal_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-        patch.setattr(rlaf, "parse_instances", whole_completion_as_output)
+        patch.setattr(trl_rewards, "parse_instances", whole_completion_as_output)
         args = tiny_run_args(tiny_causal_lm_dir, instructions, root / "out", root / "ws", 2)
         patch.setattr(sys, "argv", ["refine-af", *args])
         try:
@@ -347,7 +347,7 @@ def test_rerun_continues_from_the_last_checkpoint(
     out_dir = trained / "resumed"
     shutil.copytree(trained / "out", out_dir)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(rlaf, "parse_instances", whole_completion_as_output)
+    monkeypatch.setattr(trl_rewards, "parse_instances", whole_completion_as_output)
     instructions = trained / "instructions.jsonl"
     args = tiny_run_args(tiny_causal_lm_dir, instructions, out_dir, trained / "ws", 3)
     code, out, _ = run_cli(monkeypatch, capsys, *args, "--set", "stage2.kl_coef=0.2")
@@ -371,7 +371,7 @@ def test_rloo_trainer_trains_and_publishes_an_adapter(
     tiny_causal_lm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(rlaf, "parse_instances", whole_completion_as_output)
+    monkeypatch.setattr(trl_rewards, "parse_instances", whole_completion_as_output)
     config = load_config(
         "local-cpu", [*tiny_overrides(tiny_causal_lm_dir, 1), "stage2.trainer=rloo"]
     )
