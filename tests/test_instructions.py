@@ -18,8 +18,8 @@ from refine_af.config import InstructionsSettings, load_config
 from refine_af.errors import InputError
 from refine_af.generation import Completion
 from refine_af.records import InstructionRecord
+from refine_af.self_instruct import encode_prompt, parse_continuation, rule_violation
 from refine_af.stages import instructions
-from refine_af.stages.instructions import encode_prompt, parse_continuation, rule_violation
 from refine_af.textsim import rouge_l_f
 
 SETTINGS = InstructionsSettings()

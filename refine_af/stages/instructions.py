@@ -11,263 +11,27 @@ from __future__ import annotations
 
 import json
 import random
-import re
-import string
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from refine_af import records, storage, threads, tracking
-from refine_af.config import InstructionsSettings, RunConfig
+from refine_af.bootstrap import Bootstrap
+from refine_af.config import RunConfig
 from refine_af.data import seed_tasks_path
 from refine_af.errors import InputError
-from refine_af.generation import Completion, GenerationBackend, SamplingParams, backend_for
+from refine_af.generation import GenerationBackend, SamplingParams, backend_for
 from refine_af.records import InstructionRecord, SeedTask
-from refine_af.textsim import RougeLIndex
+from refine_af.results import StageResult
+from refine_af.self_instruct import ClassificationDetector
 
 JOURNAL = "journal.jsonl"
 OUTPUT_FILES = ("instructions.jsonl", "filtered.jsonl", "quarantine.jsonl", "summary.json")
-_ITEM_SPLIT = re.compile(r"\n\d+\s?\. ")
-
-
-# ---------------------------------------------------------------- prompts and parsing
-
-
-def encode_prompt(instructions: Sequence[str]) -> str:
-    """Self-Instruct's numbered-list prompt; the model continues after the last number."""
-    lines = ["Come up with a series of tasks:"]
-    for number, instruction in enumerate(instructions, start=1):
-        text = re.sub(r"\s+", " ", instruction).strip().rstrip(":")
-        lines.append(f"{number}. {text}")
-    return "\n".join(lines) + f"\n{len(instructions) + 1}."
-
-
-def parse_continuation(
-    completion: Completion, on_token_limit: str = "drop_last"
-) -> tuple[list[str], str | None]:
-    """Candidate instructions of one continuation, and the text cut off by the token limit.
-
-    When generation hit the token limit the last item is unfinished, so it is set aside
-    (to the quarantine) instead of being judged as an instruction; with ``drop_response``
-    the whole continuation is, as Self-Instruct's ``post_process_gpt3_response`` does.
-    """
-    if completion.finish_reason == "length" and on_token_limit == "drop_response":
-        return [], completion.text or None
-    items = [re.sub(r"\s+", " ", item).strip() for item in _ITEM_SPLIT.split(completion.text)]
-    items = [item[0].upper() + item[1:].lower() if item else item for item in items]
-    truncated = items.pop() if completion.finish_reason == "length" and items else None
-    return [item for item in items if item], truncated or None
-
-
-def rule_violation(candidate: str, settings: InstructionsSettings) -> str | None:
-    """Why Self-Instruct's rules reject a candidate, or None when it passes them."""
-    words = len(candidate.split())
-    if words <= settings.min_words:
-        return "too_short"
-    if words > settings.max_words:
-        return "too_long"
-    for word in settings.blocked_words:
-        if re.search(rf"\b{re.escape(word)}\b", candidate, flags=re.IGNORECASE):
-            return "blocked_word"
-    if candidate.startswith(tuple(settings.blocked_prefixes)):
-        return "blocked_prefix"
-    if candidate[0] in string.punctuation:
-        return "starts_with_punctuation"
-    if not candidate[0].isascii():
-        return "starts_non_ascii"
-    return None
-
-
-# ---------------------------------------------------------------- classification
-
-
-class ClassificationDetector:
-    """Few-shot Yes/No prompt built from labelled seed tasks; Yes wins above 0.5."""
-
-    QUESTION = (
-        "Can the following task be regarded as a classification task with finite output labels?"
-    )
-
-    def __init__(self, backend: GenerationBackend, seeds: Sequence[SeedTask], shots: int) -> None:
-        rng = random.Random(0)
-        positive = [s.instruction for s in seeds if s.is_classification]
-        negative = [s.instruction for s in seeds if not s.is_classification]
-        half = shots // 2
-        examples = [(t, "Yes") for t in rng.sample(positive, min(half, len(positive)))]
-        examples += [(t, "No") for t in rng.sample(negative, min(half, len(negative)))]
-        rng.shuffle(examples)
-        self.backend = backend
-        self.prefix = (
-            self.QUESTION
-            + "\n\n"
-            + "".join(
-                f"Task: {task}\nIs it classification? {answer}\n\n" for task, answer in examples
-            )
-        )
-
-    def prompt(self, instruction: str) -> str:
-        return f"{self.prefix}Task: {instruction}\nIs it classification?"
-
-    def __call__(self, instructions: Sequence[str]) -> list[bool]:
-        if not instructions:
-            return []
-        probabilities = self.backend.yes_probability([self.prompt(i) for i in instructions])
-        return [p > 0.5 for p in probabilities]
-
-
-# ---------------------------------------------------------------- the bootstrap loop
-
-
-@dataclass(frozen=True)
-class Neighbours:
-    """A kept candidate with its similarity to the pool it was judged against."""
-
-    instruction: str
-    most_similar: dict[str, float]
-    avg_similarity_score: float | None
-
-
-@dataclass
-class Bootstrap:
-    """State of one bootstrapping run: the pool, its similarity index and the counts."""
-
-    settings: InstructionsSettings
-    seeds: list[SeedTask]
-    accepted: list[InstructionRecord] = field(default_factory=list)
-    filtered: list[dict[str, Any]] = field(default_factory=list)
-    quarantined: list[dict[str, Any]] = field(default_factory=list)
-    rounds: int = 0
-    seconds: float = 0.0  # spent in rounds, over every invocation
-    config_hashes: list[str] = field(default_factory=list)  # one per invocation
-
-    def __post_init__(self) -> None:
-        self.index = RougeLIndex(seed.instruction for seed in self.seeds)
-
-    @property
-    def done(self) -> bool:
-        return len(self.accepted) >= self.settings.num_instructions
-
-    def restore(self, events: list[dict[str, Any]]) -> None:
-        """Replay a journal: the pool, index and counts as they were when the run stopped."""
-        for event in events:
-            kind = event["event"]
-            if kind == "accepted":
-                record = InstructionRecord.model_validate(event["record"])
-                self.accepted.append(record)
-                self.index.add(record.instruction)
-            elif kind == "filtered":
-                self.filtered.append(event["entry"])
-            elif kind == "quarantined":
-                self.quarantined.append(event["entry"])
-            elif kind == "round":
-                self.rounds = event["round"]
-                self.seconds += event.get("seconds", 0.0)
-            elif kind in ("start", "resume") and "config_hash" in event:
-                self.config_hashes.append(event["config_hash"])
-
-    def prompts(self, rng: random.Random) -> list[str]:
-        machine = [r.instruction for r in self.accepted]
-        seed_texts = [s.instruction for s in self.seeds]
-        prompts = []
-        for _ in range(self.settings.prompts_per_round):
-            chosen = rng.sample(
-                machine, min(self.settings.prompt_machine_instructions, len(machine))
-            )
-            chosen += rng.sample(seed_texts, self.settings.prompt_instructions - len(chosen))
-            rng.shuffle(chosen)
-            prompts.append(encode_prompt(chosen))
-        return prompts
-
-    def judge(
-        self, completions: Sequence[Completion]
-    ) -> tuple[list[dict[str, Any]], list[Neighbours]]:
-        """Filter one round's candidates; returns journal events and the kept candidates.
-
-        A kept candidate joins the index at once, so later candidates of the same round are
-        compared with it too.
-        """
-        events: list[dict[str, Any]] = []
-        kept: list[Neighbours] = []
-        for number, completion in enumerate(completions):
-            where = {"round": self.rounds, "prompt": number}
-            candidates, truncated = parse_continuation(completion, self.settings.on_token_limit)
-            if truncated is not None:
-                entry = records.quarantine_entry("truncated", text=truncated, **where)
-                events.append(self._set_aside("quarantined", entry))
-            if not candidates and truncated is None:
-                entry = records.quarantine_entry("unparseable", text=completion.text, **where)
-                events.append(self._set_aside("quarantined", entry))
-            for candidate in candidates:
-                reason = self._rejection(candidate, len(self.accepted) + len(kept))
-                if reason:
-                    entry = records.quarantine_entry(reason, instruction=candidate, **where)
-                    events.append(self._set_aside("filtered", entry))
-                else:
-                    kept.append(self._neighbours(candidate))
-                    self.index.add(candidate)
-        return events, kept
-
-    def _set_aside(self, kind: str, entry: dict[str, Any]) -> dict[str, Any]:
-        """Keep a filtered or quarantined entry in the state; returns its journal event."""
-        (self.filtered if kind == "filtered" else self.quarantined).append(entry)
-        return {"event": kind, "entry": entry}
-
-    def _rejection(self, candidate: str, accepted_so_far: int) -> str | None:
-        if accepted_so_far >= self.settings.num_instructions:
-            return "over_target"
-        reason = rule_violation(candidate, self.settings)
-        if reason is None and self.index.exceeds(candidate, self.settings.similarity_threshold):
-            reason = "too_similar"
-        return reason
-
-    def _neighbours(self, candidate: str) -> Neighbours:
-        """The candidate's nearest instructions in the pool before it joins."""
-        average = (
-            self.index.mean_similarity(candidate) if self.settings.record_avg_similarity else None
-        )
-        return Neighbours(
-            candidate, dict(self.index.top_k(candidate, self.settings.most_similar)), average
-        )
-
-    def record(self, kept: Neighbours, is_classification: bool) -> InstructionRecord:
-        record = InstructionRecord(
-            id=f"machine_{len(self.accepted):06d}",
-            instruction=kept.instruction,
-            is_classification=is_classification,
-            source="machine",
-            most_similar=kept.most_similar,
-            avg_similarity_score=kept.avg_similarity_score,
-        )
-        self.accepted.append(record)
-        return record
-
-    def counts(self) -> dict[str, Any]:
-        reasons = Counter(entry["reason"] for entry in self.filtered)
-        candidates = (
-            len(self.accepted)
-            + len(self.filtered)
-            + sum(1 for entry in self.quarantined if entry["reason"] == "truncated")
-        )
-        return {
-            "rounds": self.rounds,
-            "candidates": candidates,
-            "accepted": len(self.accepted),
-            "filtered": dict(sorted(reasons.items())),
-            "quarantined": dict(sorted(Counter(e["reason"] for e in self.quarantined).items())),
-            "classification": sum(r.is_classification for r in self.accepted),
-        }
 
 
 # ---------------------------------------------------------------- running the stage
-
-
-@dataclass(frozen=True)
-class InstructionsResult:
-    out_dir: Path
-    summary: dict[str, Any]
 
 
 def load_seeds(config: RunConfig) -> tuple[list[SeedTask], str]:
@@ -382,7 +146,7 @@ def run(
     workspace: Path,
     on_round: Callable[[Bootstrap], None] | None = None,
     force_resume: bool = False,
-) -> InstructionsResult:
+) -> StageResult:
     """Bootstrap until ``stage1.num_instructions`` machine instructions are accepted.
 
     Continues a journal already in ``out_dir`` (refusing one written with other settings
@@ -451,7 +215,7 @@ def run(
         stage_run.log_artifact(out_dir / "summary.json")
         sample = "\n".join(r.instruction for r in state.accepted[:50])
         stage_run.log_text(sample, "sample_instructions.txt")
-    return InstructionsResult(out_dir, summary)
+    return StageResult(out_dir, summary)
 
 
 def execute(
@@ -461,7 +225,7 @@ def execute(
     workspace: Path,
     on_round: Callable[[Bootstrap], None] | None = None,
     force_resume: bool = False,
-) -> InstructionsResult:
+) -> StageResult:
     """Check the seed input and the tracking store, then load the configured model and run."""
     check(config, out_dir, workspace, force_resume=force_resume)
     threads.use_share_of_cores()
