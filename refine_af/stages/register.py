@@ -13,30 +13,33 @@ matter here: only its version number and tags do.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Literal
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from refine_af import comparison, superni
+from refine_af import comparison
 from refine_af.comparison import Comparison
 from refine_af.config import EvaluationSettings, RegistrySettings
 from refine_af.errors import InputError
+from refine_af.gate import PROMOTION, Decision, check_gate, promotion_tags
+from refine_af.registry import (
+    EVAL,
+    EVAL_ARTIFACT_TAG,
+    EVAL_RUN_TAG,
+    load_evaluation,
+    missing,
+    require_model,
+    require_version,
+)
 from refine_af.superni import EvaluationResult
 
 CHALLENGER, CHAMPION, BASELINE = "challenger", "champion", "baseline"
-EVAL = "refine_af.eval."
-PROMOTION = "refine_af.promotion."
-EVAL_RUN_TAG, EVAL_ARTIFACT_TAG = f"{EVAL}run_id", f"{EVAL}artifact"
 BASELINE_VERSION_TAG = f"{EVAL}baseline_version"
 POLICY_TAG = "refine_af.policy"
 
-Decision = Literal["promoted", "forced", "rejected", "unchanged"]
 NOTHING_TO_BEAT = (
     "nothing to beat: no baseline was evaluated with this version (run_baseline=false) "
     "and there is no champion; override with `refine-af promote --force --reason …`"
@@ -77,58 +80,6 @@ class VersionSummary:
     tags: dict[str, str]
 
 
-# ---------------------------------------------------------------- lookups
-
-
-def _missing(error: MlflowException) -> bool:
-    return error.error_code in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
-
-
-def require_model(client: mlflow.MlflowClient, name: str) -> dict[str, str]:
-    """The registered model's aliases (alias → version); a missing model is bad input."""
-    try:
-        registered = client.get_registered_model(name)
-    except MlflowException as error:
-        if _missing(error):
-            raise InputError(
-                f"no registered model {name!r} in the registry at {client.tracking_uri}"
-            ) from error
-        raise
-    return {alias: str(version) for alias, version in registered.aliases.items()}
-
-
-def require_version(client: mlflow.MlflowClient, name: str, version: str) -> ModelVersion:
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException as error:
-        if _missing(error):
-            raise InputError(
-                f"registered model {name!r} has no version {version} "
-                f"in the registry at {client.tracking_uri}"
-            ) from error
-        raise
-
-
-def load_evaluation(client: mlflow.MlflowClient, model_version: ModelVersion) -> EvaluationResult:
-    """The stage 5 result a version was marked challenger with (from its evaluation run)."""
-    run_id = model_version.tags.get(EVAL_RUN_TAG)
-    artifact = model_version.tags.get(EVAL_ARTIFACT_TAG)
-    if not run_id or not artifact:
-        raise InputError(
-            f"version {model_version.version} of {model_version.name!r} has no evaluation; "
-            f"run `refine-af stage evaluate --version {model_version.version}` first"
-        )
-    origin = f"runs:/{run_id}/{artifact}"
-    with tempfile.TemporaryDirectory() as scratch:
-        try:
-            local = client.download_artifacts(run_id, artifact, scratch)
-        except (MlflowException, OSError) as error:
-            raise InputError(
-                f"version {model_version.version}: evaluation {origin} cannot be read ({error})"
-            ) from error
-        return superni.parse_result(Path(local).read_text(), origin)
-
-
 # ---------------------------------------------------------------- challenger
 
 
@@ -155,7 +106,7 @@ def _require_eval_run(client: mlflow.MlflowClient, tags: dict[str, str]) -> None
     try:
         client.get_run(tags[EVAL_RUN_TAG])
     except MlflowException as error:
-        if not _missing(error):
+        if not missing(error):
             raise
         raise InputError(
             f"the evaluation run {tags[EVAL_RUN_TAG]} is not in the tracking store at "
@@ -206,59 +157,6 @@ def mark_baseline(
 
 
 # ---------------------------------------------------------------- promotion
-
-
-def check_gate(c: Comparison, gate: RegistrySettings, opponent: str) -> list[tuple[bool, str]]:
-    """The gate's conditions against ``opponent``: (met?, why) each.
-
-    Ties (|delta| ≤ stage5.tie_tolerance) do not count as improved.
-    """
-    enough = c.pct_improved >= gate.min_pct_tasks_improved
-    kept_mean = c.mean_delta >= -gate.max_mean_drop
-    return [
-        (
-            enough,
-            f"{c.pct_improved:.1f}% of tasks improved over the {opponent} ({c.improved} of "
-            f"{c.tasks}, {c.ties} tied), gate needs ≥ {gate.min_pct_tasks_improved:g}%",
-        ),
-        (
-            kept_mean,
-            f"mean ROUGE-L {c.candidate_rougeL:.2f} vs {c.baseline_rougeL:.2f} for the "
-            f"{opponent} (delta {c.mean_delta:+.2f}, 95% CI [{c.ci_low:+.2f}, "
-            f"{c.ci_high:+.2f}]), gate allows a drop of at most {gate.max_mean_drop:g}",
-        ),
-    ]
-
-
-def _promotion_tags(
-    decision: Decision,
-    reasons: list[str],
-    opponents: dict[str, str],
-    comparisons: dict[str, Comparison],
-    gate: RegistrySettings,
-) -> dict[str, str]:
-    tags = {
-        f"{PROMOTION}decision": decision,
-        f"{PROMOTION}reason": "; ".join(reasons),
-        f"{PROMOTION}against": ", ".join(f"{k} v{v}" for k, v in opponents.items()) or "none",
-        f"{PROMOTION}gate": (
-            f"min_pct_tasks_improved={gate.min_pct_tasks_improved:g}, "
-            f"max_mean_drop={gate.max_mean_drop:g}"
-        ),
-    }
-    for opponent, compared in comparisons.items():
-        prefix = f"{PROMOTION}{opponent}."
-        tags.update(
-            {
-                f"{prefix}version": opponents[opponent],
-                f"{prefix}pct_tasks_improved": f"{compared.pct_improved:.2f}",
-                f"{prefix}tasks": f"{compared.improved} improved, {compared.ties} tied, "
-                f"{compared.worse} worse of {compared.tasks}",
-                f"{prefix}mean_delta": f"{compared.mean_delta:.4f}",
-                f"{prefix}ci95": f"[{compared.ci_low:.4f}, {compared.ci_high:.4f}]",
-            }
-        )
-    return tags
 
 
 def _write_tags(
@@ -363,7 +261,7 @@ def promote(
     else:
         decision = "rejected"
     headline = "; ".join(unmet if decision == "rejected" else reasons)
-    tags = _promotion_tags(decision, reasons, opponents, comparisons, gate)
+    tags = promotion_tags(decision, reasons, opponents, comparisons, gate)
     tags[f"{PROMOTION}summary"] = f"{decision}: {headline}"
     tags[f"{PROMOTION}eval_run_id"] = model_version.tags.get(EVAL_RUN_TAG, "none")
     if decision != "rejected":
