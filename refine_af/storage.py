@@ -232,43 +232,6 @@ def _s3_keys(bucket: str, prefix: str, uri: str) -> Iterator[str]:
                     yield entry["Key"]
 
 
-def list_uris(prefix_uri: str | os.PathLike[str]) -> list[str]:
-    """Sorted URIs of all files under a folder (local, recursive) or an S3 prefix.
-
-    An S3 prefix is read as a folder (``s3://b/model`` lists ``model/…``, not
-    ``model2/…``). A missing local folder or empty prefix gives an empty list, since S3
-    has no folders to be missing.
-    """
-    if is_s3(prefix_uri):
-        bucket, key = split_s3(str(prefix_uri))
-        keys = _s3_keys(bucket, _s3_folder_prefix(key), str(prefix_uri))
-        return sorted(f"{S3_SCHEME}{bucket}/{k}" for k in keys)
-    root = Path(prefix_uri)
-    if not root.is_dir():
-        return []
-    return sorted(str(p) for p in root.rglob("*") if p.is_file())
-
-
-def upload_dir(local_dir: str | os.PathLike[str], s3_uri: str) -> list[str]:
-    """Upload every file under ``local_dir`` to the matching key under ``s3_uri``.
-
-    Uses boto3's managed transfer (multipart for large files); each object still appears
-    whole or not at all. Returns the uploaded URIs, sorted.
-    """
-    root = Path(local_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such folder to upload: {root}")
-    bucket, key = split_s3(s3_uri)
-    prefix = _s3_folder_prefix(key)
-    uploaded = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        object_key = prefix + path.relative_to(root).as_posix()
-        with _s3_errors(f"{S3_SCHEME}{bucket}/{object_key}"):
-            s3_client().upload_file(str(path), bucket, object_key)
-        uploaded.append(f"{S3_SCHEME}{bucket}/{object_key}")
-    return uploaded
-
-
 def _local_target(root: Path, relative_key: str, uri: str) -> Path:
     """Where an object goes under ``root``; refuses keys like ``../x`` that would escape it."""
     target = (root / relative_key).resolve()
@@ -308,25 +271,3 @@ def download_dir(s3_uri: str, local_dir: str | os.PathLike[str]) -> Path:
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return destination
-
-
-def copy(src_uri: str | os.PathLike[str], dst_uri: str | os.PathLike[str]) -> None:
-    """Copy one file/object between any two URIs (local or S3), writing atomically."""
-    src, dst = str(src_uri), str(dst_uri)
-    if is_s3(dst):
-        bucket, key = _s3_object(dst)
-        if is_s3(src):
-            src_bucket, src_key = _s3_object(src)
-            with _s3_errors(src):
-                s3_client().copy({"Bucket": src_bucket, "Key": src_key}, bucket, key)
-        else:
-            with _s3_errors(dst):
-                s3_client().upload_file(src, bucket, key)
-        return
-    with atomic_path(dst) as temporary:
-        if is_s3(src):
-            src_bucket, src_key = _s3_object(src)
-            with _s3_errors(src):
-                s3_client().download_file(src_bucket, src_key, str(temporary))
-        else:
-            shutil.copyfile(src, temporary)
