@@ -33,9 +33,12 @@ _SHARED = {
     "report_to": None,
     "disable_tqdm": None,
 }
+# trl fields that mean what a field refine-af sets means (an older name of it)
+ALIASES = {"gradient_checkpointing": "gradient_checkpointing"}
 MANAGED: dict[str, dict[str, str | None]] = {
     "stage2": {
         **_SHARED,
+        **ALIASES,
         "max_steps": "max_steps",
         "num_generations": "num_generations",
         "max_completion_length": "max_completion_length",
@@ -47,6 +50,7 @@ MANAGED: dict[str, dict[str, str | None]] = {
     },
     "stage4": {
         **_SHARED,
+        **ALIASES,
         "num_train_epochs": "num_train_epochs",
         "max_steps": "max_steps",
         "lr_scheduler_type": "lr_scheduler",

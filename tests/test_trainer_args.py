@@ -126,11 +126,12 @@ def test_every_preset_is_covered() -> None:
 @pytest.mark.usefixtures("named_deepspeed")
 def test_the_arguments_refine_af_sets_are_the_managed_ones() -> None:
     config = load_config("local-cpu")
-    assert set(rlaf.trainer_arguments(config, CHECKPOINTS, [1.0])) == set(
-        trainer_args.MANAGED["stage2"]
+    aliases = set(trainer_args.ALIASES)
+    assert set(rlaf.trainer_arguments(config, CHECKPOINTS, [1.0])) == (
+        set(trainer_args.MANAGED["stage2"]) - aliases
     )
-    assert set(sft.trainer_arguments(config, CHECKPOINTS, True)) == set(
-        trainer_args.MANAGED["stage4"]
+    assert set(sft.trainer_arguments(config, CHECKPOINTS, True)) == (
+        set(trainer_args.MANAGED["stage4"]) - aliases
     )
 
 
@@ -179,6 +180,10 @@ def test_a_value_trl_refuses_is_input_error() -> None:
         ("stage4.trainer_args={use_cpu: true}", "use_cpu: set it through model.device instead"),
         ("stage4.trainer_args={report_to: mlflow}", "report_to: refine-af sets it itself"),
         ("stage4.trainer_args={pack: true}", "pack: SFTConfig has no such argument"),
+        (
+            "stage2.trainer_args={gradient_checkpointing: true}",
+            "gradient_checkpointing: set it through stage2.gradient_checkpointing instead",
+        ),
     ],
 )
 def test_unknown_or_managed_trainer_args_exit_2_naming_key_and_class(
