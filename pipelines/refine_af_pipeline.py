@@ -87,11 +87,13 @@ def processes(gpus):
     return gpus if placement.active().uses_gpus else 1
 
 
-def write_instances(run, pool, indices, shards, policy=None):
-    """Stage 3 fanned out over the shards, then merged into one dataset."""
+def write_instances(pool, indices, shards, policy=None):
+    """Stage 3 fanned out over the shards, then merged into one dataset. The shards read
+    plan's configuration from ``pool``'s metadata: kfp 2.17's local runner hands a loop's
+    tasks the loop item in place of every other task's output parameter."""
     with dsl.ParallelFor(indices) as shard:
         kwargs = {"policy": policy} if policy is not None else {}
-        shard_task = instances(**run, pool=pool, shard=shard, shards=shards, **kwargs)
+        shard_task = instances(pool=pool, shard=shard, shards=shards, **kwargs)
         if policy is None:  # the base policy: the server's own model
             generates(shard_task, "shard", cache=True).set_retry(2)
         else:
@@ -173,12 +175,12 @@ def refine_af_dag(
     stage2 = rlaf(**run, processes=processes(gpus), pool=pool)
     on_gpu(on_cluster(stage2, "train", cache=True), gpus)
 
-    rl_data = write_instances(run, pool, fan_out.output, shards, policy=stage2.outputs["policy"])
+    rl_data = write_instances(pool, fan_out.output, shards, policy=stage2.outputs["policy"])
     rl_model = fine_tune(run, parent, rl_data.outputs["dataset"], gpus=gpus)
     version = rl_model.outputs["Output"]
 
     with dsl.If(run_baseline == True):  # noqa: E712 - a KFP condition, not a Python test
-        base_data = write_instances(run, pool, fan_out.output, shards)
+        base_data = write_instances(pool, fan_out.output, shards)
         base_model_task = fine_tune(run, parent, base_data.outputs["dataset"], gpus=gpus)
         compared = compare(
             run, parent, rl_model.outputs["model"], version,

@@ -7,8 +7,6 @@ from components.images import RUNTIME_GPU
 
 @dsl.component(base_image=RUNTIME_GPU, install_kfp_package=False)
 def instances(
-    config: str,
-    config_hash: str,
     pool: dsl.Input[dsl.Dataset],
     shard: int,
     shards: int,
@@ -18,15 +16,16 @@ def instances(
     """Writes shard ``shard`` of ``shards`` to ``examples``; without ``policy``: the baseline.
 
     ``policy`` is stage 2's folder; its ``adapter/`` writes the instances (the RL policy)
-    and becomes the configuration's ``stage3.adapter``. The MLflow parent run is found by
-    ``REFINE_AF_PIPELINE_RUN``, outside the cache key.
+    and becomes the configuration's ``stage3.adapter``. The configuration is plan's, as
+    ``pool``'s metadata carries it (``config``, ``config_hash``), checked by its hash. The
+    MLflow parent run is found by ``REFINE_AF_PIPELINE_RUN``, outside the cache key.
     """
     from pathlib import Path
 
     from refine_af import step
     from refine_af.stages import instances as stage
 
-    run_config = step.config(config, config_hash)
+    run_config = step.config(pool.metadata.get("config", ""), pool.metadata.get("config_hash", ""))
     if policy is not None:
         adapter = str(Path(policy.path) / "adapter")
         stage3 = run_config.stage3.model_copy(update={"adapter": adapter})

@@ -12,7 +12,8 @@ def instructions(
     pool: dsl.Output[dsl.Dataset],
     metrics: dsl.Output[dsl.Metrics],
 ) -> int:
-    """Writes the stage's output folder to ``pool``; returns the accepted count.
+    """Writes the stage's output folder to ``pool``, the configuration and its hash to its
+    metadata; returns the accepted count.
 
     Args:
         config: the resolved configuration (YAML) that plan returned.
@@ -32,5 +33,8 @@ def instructions(
     summary = result.summary
     for name in ("candidates", "accepted", "rounds", "classification"):
         metrics.log_metric(name, summary[name])
-    pool.metadata.update({"config_hash": summary["config_hash"], "accepted": summary["accepted"]})
+    # The instance shards read the configuration here: see components/instances/README.md.
+    pool.metadata.update(
+        {"config": config, "config_hash": config_hash, "accepted": summary["accepted"]}
+    )
     return summary["accepted"]

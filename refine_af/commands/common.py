@@ -74,9 +74,21 @@ def locked(out_dir: Path) -> Iterator[None]:
         yield
 
 
+class _Progress(Progress):
+    """Shown from its first update: an input error, which a stage finds before it reports
+    any progress, is printed alone."""
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def update(self, *args, **kwargs) -> None:
+        self.start()
+        super().update(*args, **kwargs)
+
+
 def progress(label: str, fields: str = "", *, disable: bool = False) -> Progress:
     """A bar on stderr: ``label``, done/total, ``fields`` (a template of task fields)."""
     columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn()]
     if fields:
         columns.append(TextColumn(fields))
-    return Progress(*columns, TimeElapsedColumn(), console=err, disable=disable)
+    return _Progress(*columns, TimeElapsedColumn(), console=err, disable=disable)

@@ -54,3 +54,4 @@ def test_writes_the_stage_folder_and_metrics(outputs, tiny_causal_lm_dir):
         "summary.json",
     }
     assert pool.metadata["config_hash"] == summary["config_hash"] == config.config_hash()
+    assert pool.metadata["config"] == config.to_yaml()  # for the instance shards
