@@ -127,8 +127,11 @@ def start_http_server(tmp_path: Path) -> Iterator[Callable[..., str]]:
         yield start
 
 
-def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    """Start a real ``mlflow server`` (sqlite backend, proxied artifacts) in ``root``."""
+def start_mlflow_server(
+    root: Path, artifacts: str | None = None, env: dict[str, str] | None = None
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start a real ``mlflow server`` (sqlite backend, proxied artifacts) in ``root``;
+    artifacts go to ``artifacts`` (default: a folder in ``root``), ``env`` adds variables."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = root / "server.log"
@@ -136,16 +139,15 @@ def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen[bytes]]:
         sys.executable, "-m", "mlflow", "server",
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
+        "--artifacts-destination", artifacts or str(root / "artifacts"),
     ]  # fmt: skip
+    # No GenAI job runner: its 7 consumer processes add seconds to start and stop.
+    server_env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
-            command,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job workers
-        )
+            command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            env=server_env,
+        )  # fmt: skip
     try:
         _wait_healthy(url, process, log)
     except BaseException:
@@ -242,28 +244,9 @@ def mlflow_s3_server(
     root = tmp_path_factory.mktemp("mlflow-s3-server")
     bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = root / "server.log"
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", f"s3://{bucket}/mlartifacts",
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        **AWS_TEST_ENV,
-        "MLFLOW_S3_ENDPOINT_URL": s3_server,
-        # No GenAI job runner: its 7 consumer processes add seconds to start and stop.
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
+    env = {**AWS_TEST_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_server}
+    url, process = start_mlflow_server(root, f"s3://{bucket}/mlartifacts", env)
     try:
-        _wait_healthy(url, process, log)
         yield url, bucket
     finally:
         _stop_group(process)
@@ -285,17 +268,3 @@ def tiny_lora_adapter_dir(
     target = tmp_path_factory.mktemp("tiny-lora")
     get_peft_model(model, lora).save_pretrained(target)
     return target
-
-
-# --- KFP local runner ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def local_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """KFP's local SubprocessRunner in this environment; components log to a local store."""
-    from kfp import local
-
-    monkeypatch.setenv("REFINE_AF_WORKSPACE", str(tmp_path / "workspace"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
-    return tmp_path / "kfp"

@@ -87,13 +87,13 @@ def processes(gpus):
     return gpus if placement.active().uses_gpus else 1
 
 
-def write_instances(run, pool, indices, shards, endpoint, policy=None):
-    """Stage 3 fanned out over the shards, then merged into one dataset."""
+def write_instances(pool, indices, shards, policy=None):
+    """Stage 3 fanned out over the shards, then merged into one dataset. The shards read
+    plan's configuration from ``pool``'s metadata: kfp 2.17's local runner hands a loop's
+    tasks the loop item in place of every other task's output parameter."""
     with dsl.ParallelFor(indices) as shard:
         kwargs = {"policy": policy} if policy is not None else {}
-        shard_task = instances(
-            **run, pool=pool, shard=shard, shards=shards, generation_endpoint=endpoint, **kwargs
-        )
+        shard_task = instances(pool=pool, shard=shard, shards=shards, **kwargs)
         if policy is None:  # the base policy: the server's own model
             generates(shard_task, "shard", cache=True).set_retry(2)
         else:
@@ -105,24 +105,15 @@ def write_instances(run, pool, indices, shards, endpoint, policy=None):
 
 def fine_tune(run, parent, dataset, gpus):
     """Stage 4, registered: the RL model and the baseline are both versions the gate reads."""
-    task = sft(
-        **run, parent_run_id=parent, register=True, processes=processes(gpus), dataset=dataset
-    )
+    task = sft(**run, parent_run_id=parent, processes=processes(gpus), dataset=dataset)
     return on_gpu(on_cluster(task, "train", cache=False), gpus)
 
 
-def compare(run, parent, candidate, version, endpoint, baseline=None, baseline_version=None):
+def compare(run, parent, candidate, version, baseline=None, baseline_version=None):
     kwargs = {}
     if baseline is not None:
         kwargs = {"baseline": baseline, "baseline_version": baseline_version}
-    task = evaluate(
-        **run,
-        parent_run_id=parent,
-        candidate=candidate,
-        version=version,
-        generation_endpoint=endpoint,
-        **kwargs,
-    )
+    task = evaluate(**run, parent_run_id=parent, candidate=candidate, version=version, **kwargs)
     return on_gpu(on_cluster(task, "generate", cache=False)).set_retry(2)
 
 
@@ -160,32 +151,39 @@ def refine_af_dag(
     generation_endpoint: OpenAI-compatible server (e.g. vLLM's /v1) that stages 1, 3 and 5
         send their prompts to; "" generates in-process.
     """
-    run = {"config": config, "overrides": overrides, "base_model": base_model}
-    endpoint = generation_endpoint
-    planned = plan(**run, shards=shards, generation_endpoint=endpoint)
+    planned = plan(
+        config=config,
+        overrides=overrides,
+        base_model=base_model,
+        shards=shards,
+        generation_endpoint=generation_endpoint,
+    )
     on_cluster(planned, "light", cache=False)
+    # Every later step runs the configuration plan resolved, checked against its hash.
+    run = {
+        "config": planned.outputs["resolved_config"],
+        "config_hash": planned.outputs["config_hash"],
+    }
     parent = planned.outputs["parent_run_id"]
     fan_out = on_cluster(shard_indices(shards=shards), "tiny", cache=True)
     fan_out.after(planned)
 
-    # Cached steps take no parent run id (see WORKFLOW_LABEL); they run after plan.
-    stage1 = instructions(**run, generation_endpoint=endpoint).after(planned)
+    # Cached steps take no parent run id (see WORKFLOW_LABEL).
+    stage1 = instructions(**run)
     generates(stage1, "generate", cache=True).set_retry(2)
     pool, kept = stage1.outputs["pool"], stage1.outputs["Output"]
-    stage2 = rlaf(**run, processes=processes(gpus), pool=pool).after(planned)
+    stage2 = rlaf(**run, processes=processes(gpus), pool=pool)
     on_gpu(on_cluster(stage2, "train", cache=True), gpus)
 
-    rl_data = write_instances(
-        run, pool, fan_out.output, shards, endpoint, policy=stage2.outputs["policy"]
-    )
+    rl_data = write_instances(pool, fan_out.output, shards, policy=stage2.outputs["policy"])
     rl_model = fine_tune(run, parent, rl_data.outputs["dataset"], gpus=gpus)
     version = rl_model.outputs["Output"]
 
     with dsl.If(run_baseline == True):  # noqa: E712 - a KFP condition, not a Python test
-        base_data = write_instances(run, pool, fan_out.output, shards, endpoint)
+        base_data = write_instances(pool, fan_out.output, shards)
         base_model_task = fine_tune(run, parent, base_data.outputs["dataset"], gpus=gpus)
         compared = compare(
-            run, parent, rl_model.outputs["model"], version, endpoint,
+            run, parent, rl_model.outputs["model"], version,
             base_model_task.outputs["model"], base_model_task.outputs["Output"],
         )  # fmt: skip
         finish(
@@ -193,7 +191,7 @@ def refine_af_dag(
             compared.outputs["Output"], base_data.outputs["Output"],
         )  # fmt: skip
     with dsl.Else():
-        alone = compare(run, parent, rl_model.outputs["model"], version, endpoint)
+        alone = compare(run, parent, rl_model.outputs["model"], version)
         finish(run, parent, version, kept, rl_data.outputs["Output"], alone.outputs["Output"])
 
 

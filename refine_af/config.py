@@ -647,3 +647,25 @@ def load_config(
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise InputError(_validation_message(err, origin, every_override)) from err
+
+
+def load_resolved(text: str, expected_hash: str) -> RunConfig:
+    """The configuration a pipeline's first step resolved (``RunConfig.to_yaml``), checked
+    against the hash that step recorded: every later step runs exactly that configuration,
+    never a preset looked up again in its own image."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise InputError(f"resolved config: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise InputError("resolved config: expected a mapping of sections at the top level")
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise InputError(_validation_message(err, "resolved config", [])) from err
+    if config.config_hash() != expected_hash:
+        raise InputError(
+            f"resolved config hashes to {config.config_hash()}, not {expected_hash!r} as "
+            "recorded when it was resolved: pass the config and config_hash of the same plan"
+        )
+    return config

@@ -53,13 +53,13 @@ def single_process_rendezvous(environ=os.environ) -> bool:
     return True
 
 
-def config_args(config: str, overrides: list[str], base_model: str) -> list[str]:
-    """``--config``/``--set`` options that rebuild the step's configuration in the CLI."""
-    extra = [f"model.base={base_model}"] if base_model else []
-    args = ["--config", config]
-    for override in [*overrides, *extra]:
-        args += ["--set", override]
-    return args
+def stage_args(
+    config: str, config_hash: str, workspace: Path, parent_run_id: str = ""
+) -> list[str]:
+    """The options a pipeline step hands the stage: its resolved configuration and hash,
+    its workspace and the MLflow parent run ("": found by the pipeline run's tag)."""
+    args = ["--config", config, "--config-hash", config_hash, "--workspace", str(workspace)]
+    return [*args, "--parent-run-id", parent_run_id] if parent_run_id else args
 
 
 def run_stage(processes: int, stage: str, stage_args: list[str], out_dir: Path) -> dict:

@@ -26,7 +26,6 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from refine_af.errors import TrackingUnavailable
 
-PARENT_RUN_ENV = "REFINE_AF_PARENT_RUN_ID"
 # Names one pipeline run (on a cluster: its Argo workflow, from the pod's label). Cached
 # steps find the MLflow parent run by this tag instead of taking its id as an input, which
 # would make their cache key change every run.
@@ -282,8 +281,8 @@ def stage_run(
     ``MLFLOW_EXPERIMENT_NAME`` or ``experiment``. With ``parent_run_id`` (e.g. the
     pipeline's run, started in another process) the run is nested under it; inside an
     active run it nests under that one. ``params`` are logged flattened. The run ends
-    FINISHED, or FAILED if the block raises. Without ``parent_run_id``, the pipeline's run
-    in ``REFINE_AF_PARENT_RUN_ID`` (set by the components) is the parent. Raises
+    FINISHED, or FAILED if the block raises. Without ``parent_run_id``, the pipeline run
+    tagged with ``REFINE_AF_PIPELINE_RUN`` (a cached step's parent) is the parent. Raises
     ``TrackingUnavailable`` before starting if the store cannot be reached, and after the
     block if it was lost on the way. Under KFP's MLflow plugin, which creates a nested run
     per task and injects ``MLFLOW_RUN_ID``, the stage logs into that run. With ``out_dir``
@@ -298,9 +297,7 @@ def stage_run(
         client = mlflow.MlflowClient(tracking_uri=uri)
         _require_reachable(client, uri)
         experiment_id = _experiment_id(client, name, _artifact_root(uri, workspace, name))
-    parent_run_id = (
-        parent_run_id or os.environ.get(PARENT_RUN_ENV) or _pipeline_parent(client) or None
-    )
+    parent_run_id = parent_run_id or _pipeline_parent(client) or None
     if folder is not None:
         _end_abandoned_runs(client, experiment_id, stage_name, folder)
     with _using_tracking_uri(uri):

@@ -7,13 +7,18 @@ import pytest
 from refine_af import cli
 
 
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr with its line wrapping undone)."""
+def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """The exit code; what the command printed stays in capsys."""
     monkeypatch.setattr(sys, "argv", ["refine-af", *args])
-    code = 0
     try:
         cli.main()
     except SystemExit as exit_:
-        code = exit_.code or 0
+        return exit_.code or 0
+    return 0
+
+
+def cli_output(monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr with its line wrapping undone)."""
+    code = run_cli(monkeypatch, *args)
     captured = capsys.readouterr()
     return code, captured.out, " ".join(captured.err.split())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from refine_af.config import RunConfig, load_config, parse_override, preset_names
+from refine_af.config import RunConfig, load_config, load_resolved, parse_override, preset_names
 from refine_af.errors import InputError
 
 CLI = str(Path(sys.executable).with_name("refine-af"))
@@ -135,3 +135,13 @@ def test_equal_weight_reward_is_a_named_option():
     assert config.stage2.reward.bias == 0.0
     with pytest.raises(InputError, match="formula 'instruction-mining' sets bias"):
         load_config("paper-mistral-7b", ["stage2.reward.bias=0.5"])
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_a_resolved_config_loads_as_itself_and_checks_its_hash(preset):
+    config = load_config(preset, ["stage1.num_instructions=3"])
+    assert load_resolved(config.to_yaml(), config.config_hash()) == config
+    with pytest.raises(InputError, match="not 'abc' as recorded"):
+        load_resolved(config.to_yaml(), "abc")
+    with pytest.raises(InputError, match=r"resolved config: unknown config key stage1\.nope"):
+        load_resolved(config.to_yaml().replace("stage1:\n", "stage1:\n  nope: 1\n"), "abc")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from cli_runner import run_cli
+from cli_runner import cli_output
 
 from refine_af import locking, records
 from refine_af.config import EndpointSettings, load_config
@@ -118,7 +118,7 @@ def test_stage1_runs_through_the_server(
     served: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     out = tmp_path / "instructions"
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", "instructions", "--out", str(out),
         "--workspace", str(tmp_path / "ws"),
         "--set", "stage1.num_instructions=2", "--set", "stage1.prompts_per_round=2",
@@ -138,12 +138,12 @@ def test_stage5_through_the_server_scores_as_in_process(
 ) -> None:
     args = ["--tasks", "2", "--per-task", "2", "--set", "stage5.max_new_tokens=16"]
     common = ["--workspace", str(tmp_path / "ws"), "--model", "smollm2-135m-instruct"]
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", "evaluate", "--out", str(tmp_path / "remote"),
         *common, *args, *(f"--set={o}" for o in endpoint_overrides(served)),
     )  # fmt: skip
     assert code == 0, err
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", "evaluate", "--out", str(tmp_path / "local"),
         *common, *args,
     )  # fmt: skip
@@ -294,7 +294,7 @@ def test_failing_endpoint_exits_1_naming_url_and_model(
     if kind == "refused":
         url = f"http://127.0.0.1:{free_port()}/v1"
     out = tmp_path / "instructions"
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", "instructions", "--out", str(out),
         "--workspace", str(tmp_path / "ws"),
         *(f"--set={o}" for o in endpoint_overrides(url, timeout=1, model="served-name")),
@@ -316,7 +316,7 @@ def test_wrong_model_name_exits_1(
     served: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     out = tmp_path / "eval"
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", "evaluate", "--out", str(out),
         "--workspace", str(tmp_path / "ws"), "--tasks", "1", "--per-task", "1",
         *(f"--set={o}" for o in endpoint_overrides(served, model="no-such/model")),

@@ -1,14 +1,14 @@
 """Stage 5 end to end on a tiny model: generation, scores, report, MLflow, bad input."""
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
+from cli_runner import run_cli
 
-from refine_af import cli, models, tracking
+from refine_af import models, tracking
 from refine_af.config import RunConfig, load_config
 from refine_af.errors import InputError
 from refine_af.stages import evaluate
@@ -63,13 +63,6 @@ def config_for(base: Path, data: Path, *extra: str) -> RunConfig:
             *extra,
         ],
     )
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    monkeypatch.setattr(sys, "argv", ["refine-af", *args])
-    with pytest.raises(SystemExit) as exited:
-        cli.main()
-    return exited.value.code
 
 
 def test_adapter_against_its_base(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from cli_runner import run_cli
+from cli_runner import cli_output
 from local_paths import ABSOLUTE_PATH
 
 from refine_af import postprocess
@@ -501,7 +501,7 @@ def test_bad_input_exits_2_and_writes_nothing(
 ):
     out = tmp_path / "out"
     args = make_args(tmp_path, tiny_causal_lm_dir, tiny_lora_adapter_dir)
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", "instances", "-o", str(out),
         "--workspace", str(tmp_path / "ws"), *args,
     )  # fmt: skip
@@ -511,7 +511,7 @@ def test_bad_input_exits_2_and_writes_nothing(
 
 
 def test_merge_of_a_missing_shard_exits_2(tmp_path, monkeypatch, capsys):
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", "merge", str(tmp_path / "nope"), "-o", str(tmp_path / "o")
     )
     assert code == 2 and "not a stage 3 shard folder" in err
@@ -548,13 +548,13 @@ def test_cli_shards_and_merge_print_summary_tables(
     common = ["-i", str(instructions_file), "--workspace", str(workspace), *sets]
     for index in range(2):
         out = tmp_path / f"shard-{index}"
-        code, stdout, err = run_cli(
+        code, stdout, err = cli_output(
             monkeypatch, capsys, "stage", "instances", "-o", str(out), "--shard", f"{index}/2",
             *common,
         )  # fmt: skip
         assert code == 0, err
         assert f"shard {index}/2" in stdout and "completions sampled" in stdout
-    code, stdout, err = run_cli(
+    code, stdout, err = cli_output(
         monkeypatch, capsys, "stage", "merge", str(tmp_path / "shard-1"), str(tmp_path / "shard-0"),
         "-o", str(tmp_path / "merged"), "--workspace", str(workspace),
     )  # fmt: skip

@@ -10,6 +10,7 @@ import pytest
 from test_sft import example_rows, write_rows
 
 from refine_af import launch
+from refine_af.config import load_config
 
 
 def test_command_launches_the_stage_with_one_process_per_gpu():
@@ -25,11 +26,13 @@ def test_command_launches_the_stage_with_one_process_per_gpu():
         launch.command(0, "sft", [])
 
 
-def test_config_args_rebuild_the_step_configuration():
-    args = launch.config_args("name: x\n", ["stage4.max_steps=1"], "my/model")
+def test_stage_args_carry_the_resolved_configuration_and_the_parent_run():
+    args = launch.stage_args("name: x\n", "abc", Path("/ws"), "run-1")
     assert args == [
-        "--config", "name: x\n", "--set", "stage4.max_steps=1", "--set", "model.base=my/model",
+        "--config", "name: x\n", "--config-hash", "abc", "--workspace", "/ws",
+        "--parent-run-id", "run-1",
     ]  # fmt: skip
+    assert "--parent-run-id" not in launch.stage_args("name: x\n", "abc", Path("/ws"), "")
 
 
 @pytest.mark.slow
@@ -46,10 +49,10 @@ def test_sft_runs_under_accelerate_launch_on_cpu(tmp_path: Path, monkeypatch):
         "stage4.eval_fraction=0.1",
         "stage4.register_model=false",
     ]
+    config = load_config("local-cpu", overrides)
     args = [
         "--examples", str(examples), "--out", str(out),
-        *launch.config_args("local-cpu", overrides, ""),
-        "--workspace", str(tmp_path / "workspace"),
+        *launch.stage_args(config.to_yaml(), config.config_hash(), tmp_path / "workspace", ""),
     ]  # fmt: skip
     summary = launch.run_stage(1, "sft", args, out)
     assert summary["steps"] == 1

@@ -2,15 +2,15 @@
 
 import os
 import socket
-import sys
 import uuid
 from pathlib import Path
 
 import boto3
 import mlflow
 import pytest
+from cli_runner import run_cli
 
-from refine_af import cli, tracking
+from refine_af import tracking
 from refine_af.errors import InputError
 from refine_af.stages import register
 from refine_af.superni import EvaluationResult, TaskResult
@@ -64,14 +64,10 @@ def evaluation(scores: tuple[float, ...], tmp_path: Path) -> EvaluationResult:
     return result
 
 
-def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    """Run ``refine-af`` in-process on this test's model; returns the exit code."""
+def registry_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """``refine-af`` in-process on this test's registered model; returns the exit code."""
     name = os.environ.get("TEST_MODEL_NAME")
-    model = ["--set", f"stage6.model_name={name}"] if name else []
-    monkeypatch.setattr(sys, "argv", ["refine-af", *args, *model])
-    with pytest.raises(SystemExit) as exited:
-        cli.main()
-    return exited.value.code
+    return run_cli(monkeypatch, *args, *(["--set", f"stage6.model_name={name}"] if name else []))
 
 
 def bucket_keys(endpoint: str, bucket: str) -> list[str]:
@@ -141,7 +137,7 @@ def test_challenger_that_loses_to_its_baseline_on_a_fresh_registry_is_rejected(
         registry, model_name, tiny_lora_adapter_dir, tmp_path, (45, 30, 30, 40), (40, 40, 40, 40)
     )
     assert aliases_of(registry, model_name) == {"challenger": rl, "baseline": base}
-    assert run_cli(monkeypatch, "promote") == 1
+    assert registry_cli(monkeypatch, "promote") == 1
     captured = capsys.readouterr()
     assert "gate failed" in captured.err and "there is no champion" in captured.err
     assert "25.0% of tasks improved over the baseline" in captured.err
@@ -158,11 +154,11 @@ def test_challenger_that_loses_to_its_baseline_on_a_fresh_registry_is_rejected(
         "gate needs ≥ 50%; mean ROUGE-L 36.25 vs 40.00"
     )
     before = state(registry, model_name)
-    assert run_cli(monkeypatch, "promote") == 1
+    assert registry_cli(monkeypatch, "promote") == 1
     assert state(registry, model_name) == before  # a repeated rejection writes nothing
 
     # A baseline is a reference, not a candidate.
-    assert run_cli(monkeypatch, "promote", "--version", base) == 2
+    assert registry_cli(monkeypatch, "promote", "--version", base) == 2
     assert "is a no-RL baseline" in capsys.readouterr().err
 
 
@@ -176,7 +172,7 @@ def test_challenger_that_beats_its_baseline_is_promoted(
     rl, base = register_run(
         registry, model_name, tiny_lora_adapter_dir, tmp_path, (50, 45, 41, 39), (40, 40, 40, 40)
     )
-    assert run_cli(monkeypatch, "promote") == 0
+    assert registry_cli(monkeypatch, "promote") == 0
     assert aliases_of(registry, model_name) == {"challenger": rl, "baseline": base, "champion": rl}
     tags = registry.get_model_version(model_name, rl).tags
     assert tags["refine_af.promotion.decision"] == "promoted"
@@ -190,7 +186,7 @@ def test_challenger_that_beats_its_baseline_is_promoted(
 
     # Promoting the champion again changes nothing.
     before = state(registry, model_name)
-    assert run_cli(monkeypatch, "promote") == 0
+    assert registry_cli(monkeypatch, "promote") == 0
     assert state(registry, model_name) == before
 
 
@@ -206,12 +202,12 @@ def test_winner_over_its_baseline_that_loses_to_the_champion_is_rejected(
     champion, _ = register_run(
         registry, model_name, folder, tmp_path, (50, 45, 41, 39), (40, 40, 40, 40)
     )
-    assert run_cli(monkeypatch, "promote") == 0
+    assert registry_cli(monkeypatch, "promote") == 0
     rl, base = register_run(
         registry, model_name, folder, tmp_path, (35, 35, 35, 35), (30, 30, 30, 30)
     )
     capsys.readouterr()
-    assert run_cli(monkeypatch, "promote") == 1
+    assert registry_cli(monkeypatch, "promote") == 1
     err = capsys.readouterr().err
     assert f"champion is still version {champion}" in err
     assert "0.0% of tasks improved over the champion" in err
@@ -227,7 +223,7 @@ def test_winner_over_its_baseline_that_loses_to_the_champion_is_rejected(
     assert tags["refine_af.promotion.champion.version"] == champion
 
     capsys.readouterr()
-    assert run_cli(monkeypatch, "models", "list") == 0
+    assert registry_cli(monkeypatch, "models", "list") == 0
     listing = capsys.readouterr().out
     assert "100.0% improved (v" in listing and "0.0% improved (v" in listing
     assert "baseline" in listing and "rejected" in listing
@@ -242,21 +238,21 @@ def test_nothing_to_beat_is_rejected_unless_forced_with_a_reason(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     rl, _ = register_run(registry, model_name, tiny_lora_adapter_dir, tmp_path, (40,) * 4, None)
-    assert run_cli(monkeypatch, "promote") == 1
+    assert registry_cli(monkeypatch, "promote") == 1
     assert "nothing to beat" in capsys.readouterr().err
     tags = registry.get_model_version(model_name, rl).tags
     assert tags["refine_af.promotion.decision"] == "rejected"
     assert tags["refine_af.promotion.against"] == "none"
 
-    assert run_cli(monkeypatch, "promote", "--force") == 2  # --force needs a reason
-    assert run_cli(monkeypatch, "promote", "--force", "--reason", "first model") == 0
+    assert registry_cli(monkeypatch, "promote", "--force") == 2  # --force needs a reason
+    assert registry_cli(monkeypatch, "promote", "--force", "--reason", "first model") == 0
     assert registry.get_model_version_by_alias(model_name, "champion").version == rl
     tags = registry.get_model_version(model_name, rl).tags
     assert tags["refine_af.promotion.decision"] == "forced"
     assert tags["refine_af.promotion.reason"].startswith("forced: first model")
 
     capsys.readouterr()
-    assert run_cli(monkeypatch, "models", "list") == 0
+    assert registry_cli(monkeypatch, "models", "list") == 0
     listing = capsys.readouterr().out
     assert "champion" in listing and "forced" in listing
     assert "rejected" not in listing  # the rejection was superseded by the forced promotion
@@ -280,10 +276,11 @@ def test_stage_evaluate_marks_the_registered_version_challenger(
         "stage", "evaluate", "--model", str(tiny_causal_lm_dir), "--data", str(data),
         "--set", f"model.base={tiny_causal_lm_dir}", "--set", "stage5.max_new_tokens=2",
     ]  # fmt: skip
-    assert run_cli(monkeypatch, *common, "--out", str(tmp_path / "x"), "--version", "999") == 2
+    assert registry_cli(monkeypatch, *common, "--out", str(tmp_path / "x"), "--version", "999") == 2
     assert not (tmp_path / "x").exists()
 
-    assert run_cli(monkeypatch, *common, "--out", str(tmp_path / "eval"), "--version", version) == 0
+    evaluated = ["--out", str(tmp_path / "eval"), "--version", version]
+    assert registry_cli(monkeypatch, *common, *evaluated) == 0
     mv = registry.get_model_version_by_alias(model_name, "challenger")
     assert mv.version == version
     assert mv.tags["refine_af.eval.tasks"] == "1"
@@ -296,9 +293,9 @@ def test_stage_evaluate_marks_the_registered_version_challenger(
     # challenger names it for the gate.
     base = register_folder(registry, model_name, tiny_causal_lm_dir)
     linked = [*common, "--out", str(tmp_path / "pair"), "--version", version]
-    assert run_cli(monkeypatch, *linked, "--baseline-version", base) == 2  # needs --baseline
+    assert registry_cli(monkeypatch, *linked, "--baseline-version", base) == 2  # needs --baseline
     linked += ["--baseline", str(tiny_causal_lm_dir), "--baseline-version", base]
-    assert run_cli(monkeypatch, *linked) == 0
+    assert registry_cli(monkeypatch, *linked) == 0
     assert registry.get_model_version_by_alias(model_name, "baseline").version == base
     challenger = registry.get_model_version(model_name, version)
     assert challenger.tags["refine_af.eval.baseline_version"] == base
@@ -314,12 +311,12 @@ def test_bad_registry_input_exits_2_and_writes_nothing(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert run_cli(monkeypatch, "models", "list") == 2  # no such registered model yet
+    assert registry_cli(monkeypatch, "models", "list") == 2  # no such registered model yet
     assert f"no registered model '{model_name}'" in capsys.readouterr().err
     v1, v2 = (register_folder(registry, model_name, tiny_lora_adapter_dir) for _ in "12")
-    assert run_cli(monkeypatch, "promote") == 2  # nothing is challenger
+    assert registry_cli(monkeypatch, "promote") == 2  # nothing is challenger
     assert "no 'challenger' alias" in capsys.readouterr().err
-    assert run_cli(monkeypatch, "promote", "--version", v1) == 2  # never evaluated
+    assert registry_cli(monkeypatch, "promote", "--version", v1) == 2  # never evaluated
     assert "has no evaluation" in capsys.readouterr().err
     elsewhere = evaluation((1, 1, 1, 1), tmp_path).model_copy(update={"mlflow_run_id": "0" * 32})
     before = state(registry, model_name)
@@ -329,11 +326,11 @@ def test_bad_registry_input_exits_2_and_writes_nothing(
 
     # The champion's evaluation cannot be read: stop before writing anything.
     register.mark_challenger(registry, model_name, v1, evaluation((1, 1, 1, 1), tmp_path))
-    assert run_cli(monkeypatch, "promote", "--force", "--reason", "first") == 0
+    assert registry_cli(monkeypatch, "promote", "--force", "--reason", "first") == 0
     registry.set_model_version_tag(model_name, v1, register.EVAL_ARTIFACT_TAG, "missing.json")
     register.mark_challenger(registry, model_name, v2, evaluation((2, 2, 2, 2), tmp_path))
     before = state(registry, model_name)
-    assert run_cli(monkeypatch, "promote") == 2
+    assert registry_cli(monkeypatch, "promote") == 2
     assert "cannot be read" in capsys.readouterr().err
     assert state(registry, model_name) == before
 
@@ -352,6 +349,6 @@ def test_unreachable_registry_names_its_uri(
     evaluate = ["stage", "evaluate", "--model", str(tiny_causal_lm_dir), "--out", str(out)]
     for args in (["promote"], ["models", "list"], evaluate, [*evaluate, "--version", "1"]):
         # an environment failure (issue 13): exit 1, one line naming the URI
-        assert run_cli(monkeypatch, *args, "--workspace", str(tmp_path)) == 1
+        assert registry_cli(monkeypatch, *args, "--workspace", str(tmp_path)) == 1
         assert f"http://127.0.0.1:{port} is unreachable" in capsys.readouterr().err
     assert not out.exists()

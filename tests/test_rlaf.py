@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import run_cli
+from cli_runner import cli_output
 
 from refine_af import cli, launch, models, training, trl_rewards
 from refine_af.config import PRESETS_DIR, load_config
@@ -203,7 +203,7 @@ def test_cli_bad_input_exits_2_before_training(
     path = write_instructions(tmp_path / "instructions.jsonl", rows)
     out_dir = tmp_path / "out"
     sets = [arg for override in overrides for arg in ("--set", override)]
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", "rlaf", "--instructions", str(path),
         "--out", str(out_dir), "--workspace", str(tmp_path / "ws"), *sets,
     )  # fmt: skip
@@ -217,7 +217,7 @@ def test_cli_names_file_line_and_field_of_a_bad_instruction(
 ) -> None:
     path = tmp_path / "instructions.jsonl"
     path.write_text('{"id": "a", "instruction": "x", "source": "seed"}\n')
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", "rlaf", "-i", str(path), "-o", str(tmp_path / "out")
     )
     assert code == 2
@@ -350,9 +350,9 @@ def test_rerun_continues_from_the_last_checkpoint(
     monkeypatch.setattr(trl_rewards, "parse_instances", whole_completion_as_output)
     instructions = trained / "instructions.jsonl"
     args = tiny_run_args(tiny_causal_lm_dir, instructions, out_dir, trained / "ws", 3)
-    code, out, _ = run_cli(monkeypatch, capsys, *args, "--set", "stage2.kl_coef=0.2")
+    code, out, _ = cli_output(monkeypatch, capsys, *args, "--set", "stage2.kl_coef=0.2")
     assert code == 2  # different settings: the checkpoints are not continued
-    code, out, _ = run_cli(monkeypatch, capsys, *args)
+    code, out, _ = cli_output(monkeypatch, capsys, *args)
     assert code == 0
     assert "stage 2 · rlaf (grpo)" in out
     summary = json.loads((out_dir / "summary.json").read_text())

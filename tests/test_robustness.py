@@ -16,7 +16,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from cli_runner import run_cli
+from cli_runner import cli_output
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scripted_backend import ScriptedBackend
@@ -47,7 +47,7 @@ def seeds_file(path: Path, rows: list[dict]) -> Path:
 def instructions_cli(monkeypatch, capsys, tmp_path, *args):
     out = tmp_path / "out"
     command = ["stage", "instructions", "--out", str(out), "--workspace", str(tmp_path / "ws")]
-    return (*run_cli(monkeypatch, capsys, *command, *args), out)
+    return (*cli_output(monkeypatch, capsys, *command, *args), out)
 
 
 # ------------------------------------------------------------ 1. one run per output folder
@@ -344,7 +344,7 @@ def test_6_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     path = tmp_path / "seeds.jsonl"
     path.mkdir()
     command = ["stage", "instructions", "--out", str(tmp_path / "o"), "--seed-tasks", str(path)]
-    code, _, err = run_cli(monkeypatch, capsys, "--debug", *command)
+    code, _, err = cli_output(monkeypatch, capsys, "--debug", *command)
     assert code == 2 and "Traceback" in err and "is a folder" in err
     monkeypatch.setattr(cli, "_debug", False)
 
@@ -367,12 +367,12 @@ def test_8_input_flags_keep_s3_uris(tmp_path, monkeypatch, capsys, s3_bucket):
                           ("sft", "--examples")):  # fmt: skip
         missing = f"s3://{s3_bucket}/data/missing.jsonl"
         args = ["stage", command, flag, missing, "--out", str(tmp_path / command)]
-        code, _, err = run_cli(monkeypatch, capsys, *args)
+        code, _, err = cli_output(monkeypatch, capsys, *args)
         assert code == 2 and f"{missing}: file not found" in err, err
 
 
 def test_8_out_must_be_local(tmp_path, monkeypatch, capsys):
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", "instructions", "--out", "s3://b/out",
         "--workspace", str(tmp_path),
     )  # fmt: skip
@@ -573,7 +573,7 @@ def test_7_submit_to_a_silent_host_times_out_with_one_line(
     tmp_path, black_hole, monkeypatch, capsys
 ):
     started = time.monotonic()
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "submit", "--host", black_hole, "--api-timeout", "2",
         "--package", "pipelines/refine_af.yaml",
     )  # fmt: skip
@@ -600,7 +600,7 @@ def test_5_every_stage_applies_the_limits(command, tmp_path, monkeypatch, capsys
         ]  # fmt: skip
         path, flag = write_rows(tmp_path / "instructions.jsonl", rows), "-i"
     sets = ["--set", "limits.max_instruction_chars=20", "--set", "limits.max_output_chars=20"]
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", command, flag, str(path), "-o", str(tmp_path / "o"), *sets
     )
     assert code == 2 and f"{path}:" in err and "characters; the limit is 20" in err, err

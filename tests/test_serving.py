@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cli_runner import run_cli
+from cli_runner import cli_output
 
 from refine_af import models, serving
 from refine_af.templates import ALPACA_NO_INPUT
@@ -145,7 +145,7 @@ def test_requests_are_in_the_flavors_format(task, body):
 
 def test_serving_an_alias_that_is_not_set_exits_2_naming_it(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "models", "serve", "--alias", "nobody", "--workspace", str(tmp_path)
     )
     assert code == 2, err

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_runner import run_cli
+from cli_runner import cli_output
 from local_paths import ABSOLUTE_PATH
 
 from refine_af import cli, models, serving, templates
@@ -129,7 +129,7 @@ def test_bad_input_exits_2_and_writes_nothing(
     path = make_file(tmp_path / "examples.jsonl")
     sets = [arg for item in overrides for arg in ("--set", item)]
     out = tmp_path / "out"
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", "sft", "-e", str(path), "-o", str(out),
         "--workspace", str(tmp_path / "ws"), *sets,
     )  # fmt: skip

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import pytest
 import yaml
-from cli_runner import run_cli
+from cli_runner import cli_output
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "http://localhost:30880"
@@ -82,7 +82,7 @@ def fake_kfp(monkeypatch):
 
 
 def _submit(monkeypatch, capsys, *args):
-    return run_cli(monkeypatch, capsys, "submit", "--host", HOST, *args)
+    return cli_output(monkeypatch, capsys, "submit", "--host", HOST, *args)
 
 
 def test_cpu_profile_compiles_with_the_registry_and_tag(fake_kfp, monkeypatch, capsys):
@@ -167,7 +167,7 @@ def test_an_api_error_exits_1_in_one_line(fake_kfp, monkeypatch, capsys, outcome
 
 
 def test_api_errors_are_told_in_one_line():
-    from refine_af.submission import one_line
+    from pipelines.submit import one_line
 
     text = one_line(_api_error(500, "Internal Server Error"))
     assert text == 'HTTP 500 Internal Server Error: {"error": "pipeline store down", "code": 13}'

@@ -153,7 +153,6 @@ def test_cached_steps_find_the_parent_by_pipeline_run(
     """Issue 12 item 9: a step without a parent run id nests under the pipeline run that
     carries the same REFINE_AF_PIPELINE_RUN; another pipeline run's steps do not."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     parents = {}
     for name in ("workflow-a", "workflow-b"):

@@ -8,8 +8,7 @@ from components.images import RUNTIME_GPU
 @dsl.component(base_image=RUNTIME_GPU, install_kfp_package=False)
 def evaluate(
     config: str,
-    overrides: list,
-    base_model: str,
+    config_hash: str,
     parent_run_id: str,
     candidate: dsl.Input[dsl.Model],
     version: str,
@@ -18,7 +17,6 @@ def evaluate(
     metrics: dsl.Output[dsl.Metrics],
     baseline: dsl.Input[dsl.Model] = None,
     baseline_version: str = "",
-    generation_endpoint: str = "",
 ) -> float:
     """Evaluates the fine-tuned adapters; tags ``version`` and makes it the challenger.
 
@@ -26,26 +24,22 @@ def evaluate(
     ``baseline`` alias, and the challenger is linked to it for stage 6's gate. Returns the
     % of tasks improved over the baseline (-1 without a baseline).
     """
-    import os
     import shutil
     from pathlib import Path
 
-    from refine_af import tracking
-    from refine_af.config import load_config
+    from refine_af import step, tracking
     from refine_af.stages import evaluate as stage
     from refine_af.stages import register
 
-    os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
-    workspace = Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af"))
-    run_config = load_config(
-        config, list(overrides), base_model=base_model, generation_endpoint=generation_endpoint
-    )
+    run_config = step.config(config, config_hash)
+    workspace = step.workspace()
     outcome = stage.run(
         run_config,
         Path(results.path),
         candidate=str(Path(candidate.path) / "adapter"),
         baseline=str(Path(baseline.path) / "adapter") if baseline is not None else None,
         workspace=workspace,
+        parent_run_id=parent_run_id or None,
     )
     shutil.copyfile(Path(results.path) / "report.md", report.path)
     figures = {f"{name}_rougeL": result.rougeL for name, result in outcome.results.items()}
@@ -54,12 +48,15 @@ def evaluate(
     if parent_run_id:
         tracking.log_to_run(workspace, parent_run_id, figures)
     if version:
-        client = tracking.connect(workspace)
-        name = run_config.stage6.model_name
-        if baseline_version:
-            register.mark_baseline(client, name, baseline_version, outcome.results[stage.BASELINE])
-        evaluation = outcome.results[stage.CANDIDATE]
-        register.mark_challenger(client, name, version, evaluation, baseline_version or None)
+        register.mark_evaluated(
+            tracking.connect(workspace),
+            run_config.stage6.model_name,
+            version,
+            outcome.results[stage.CANDIDATE],
+            baseline_version or None,
+            outcome.results.get(stage.BASELINE),
+        )
+    results.metadata["config_hash"] = config_hash
     if outcome.comparison is None:
         return -1.0
     metrics.log_metric("pct_tasks_improved", outcome.comparison.pct_improved)

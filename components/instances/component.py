@@ -7,39 +7,34 @@ from components.images import RUNTIME_GPU
 
 @dsl.component(base_image=RUNTIME_GPU, install_kfp_package=False)
 def instances(
-    config: str,
-    overrides: list,
-    base_model: str,
     pool: dsl.Input[dsl.Dataset],
     shard: int,
     shards: int,
     examples: dsl.Output[dsl.Dataset],
     policy: dsl.Input[dsl.Model] = None,
-    generation_endpoint: str = "",
 ):
     """Writes shard ``shard`` of ``shards`` to ``examples``; without ``policy``: the baseline.
 
-    ``policy`` is stage 2's folder; its ``adapter/`` writes the instances (the RL policy).
-    The MLflow parent run is found by ``REFINE_AF_PIPELINE_RUN``, outside the cache key.
+    ``policy`` is stage 2's folder; its ``adapter/`` writes the instances (the RL policy)
+    and becomes the configuration's ``stage3.adapter``. The configuration is plan's, as
+    ``pool``'s metadata carries it (``config``, ``config_hash``), checked by its hash. The
+    MLflow parent run is found by ``REFINE_AF_PIPELINE_RUN``, outside the cache key.
     """
-    import os
     from pathlib import Path
 
-    from refine_af.config import load_config
+    from refine_af import step
     from refine_af.stages import instances as stage
 
-    adapter = [f"stage3.adapter={Path(policy.path) / 'adapter'}"] if policy is not None else []
-    run_config = load_config(
-        config,
-        [*overrides, *adapter],
-        base_model=base_model,
-        generation_endpoint=generation_endpoint,
-    )
+    run_config = step.config(pool.metadata.get("config", ""), pool.metadata.get("config_hash", ""))
+    if policy is not None:
+        adapter = str(Path(policy.path) / "adapter")
+        stage3 = run_config.stage3.model_copy(update={"adapter": adapter})
+        run_config = run_config.model_copy(update={"stage3": stage3})
     result = stage.execute(
         run_config,
         Path(pool.path) / "instructions.jsonl",
         Path(examples.path),
-        workspace=Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
+        workspace=step.workspace(),
         shard=stage.Shard(shard, shards),
         adapter_uri=f"{policy.uri.rstrip('/')}/adapter" if policy is not None else None,
     )

@@ -8,37 +8,33 @@ from components.images import RUNTIME_GPU
 @dsl.component(base_image=RUNTIME_GPU, install_kfp_package=False)
 def instructions(
     config: str,
-    overrides: list,
-    base_model: str,
+    config_hash: str,
     pool: dsl.Output[dsl.Dataset],
     metrics: dsl.Output[dsl.Metrics],
-    generation_endpoint: str = "",
 ) -> int:
-    """Writes the stage's output folder to ``pool``; returns the accepted count.
+    """Writes the stage's output folder to ``pool``, the configuration and its hash to its
+    metadata; returns the accepted count.
 
     Args:
-        config: preset name or YAML text of the run configuration.
-        overrides: ``section.key=value`` strings applied on top of it.
+        config: the resolved configuration (YAML) that plan returned.
+        config_hash: plan's hash of it; a config that does not match stops the step.
 
     No MLflow parent run id among the inputs: it changes every run and would keep KFP's
     cache from ever hitting; the stage finds its parent by ``REFINE_AF_PIPELINE_RUN``.
     """
-    import os
     from pathlib import Path
 
-    from refine_af.config import load_config
+    from refine_af import step
     from refine_af.stages import instructions as stage
 
-    run_config = load_config(
-        config, list(overrides), base_model=base_model, generation_endpoint=generation_endpoint
-    )
     result = stage.execute(
-        run_config,
-        Path(pool.path),
-        workspace=Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
+        step.config(config, config_hash), Path(pool.path), workspace=step.workspace()
     )
     summary = result.summary
     for name in ("candidates", "accepted", "rounds", "classification"):
         metrics.log_metric(name, summary[name])
-    pool.metadata.update({"config_hash": summary["config_hash"], "accepted": summary["accepted"]})
+    # The instance shards read the configuration here: see components/instances/README.md.
+    pool.metadata.update(
+        {"config": config, "config_hash": config_hash, "accepted": summary["accepted"]}
+    )
     return summary["accepted"]

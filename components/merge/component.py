@@ -16,15 +16,15 @@ def merge(
     Cached, so no MLflow parent run id input: the parent is found by
     ``REFINE_AF_PIPELINE_RUN``.
     """
-    import os
     from pathlib import Path
 
+    from refine_af import step
     from refine_af.stages import instances as stage
 
     result = stage.merge(
         [Path(shard.path) for shard in shards],
         Path(dataset.path),
-        workspace=Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
+        workspace=step.workspace(),
     )
     summary = result.summary
     for name in ("instructions", "generations", "kept"):

@@ -8,8 +8,7 @@ from components.images import RUNTIME_CPU
 @dsl.component(base_image=RUNTIME_CPU, install_kfp_package=False)
 def promote(
     config: str,
-    overrides: list,
-    base_model: str,
+    config_hash: str,
     parent_run_id: str,
     version: str,
     instructions_kept: int,
@@ -26,16 +25,13 @@ def promote(
     ``pct_tasks_improved`` is -1 and ``base_mean_reward`` absent without a baseline.
     """
     import math
-    import os
     from pathlib import Path
 
-    from refine_af import tracking
-    from refine_af.config import load_config
+    from refine_af import step, tracking
     from refine_af.stages import register
 
-    os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
-    workspace = Path(os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af"))
-    run_config = load_config(config, list(overrides), base_model=base_model)
+    run_config = step.config(config, config_hash)
+    workspace = step.workspace()
     client = tracking.connect(workspace)
     name = run_config.stage6.model_name
     result = register.promote(client, name, version, run_config.stage6, run_config.stage5)
@@ -65,4 +61,5 @@ def promote(
         f"- promotion: {result.summary}",
     ]
     Path(summary.path).write_text("\n".join(lines) + "\n")
+    summary.metadata["config_hash"] = config_hash
     return result.decision

@@ -8,8 +8,7 @@ from components.images import RUNTIME_GPU
 @dsl.component(base_image=RUNTIME_GPU, install_kfp_package=False)
 def rlaf(
     config: str,
-    overrides: list,
-    base_model: str,
+    config_hash: str,
     processes: int,
     pool: dsl.Input[dsl.Dataset],
     policy: dsl.Output[dsl.Model],
@@ -22,19 +21,16 @@ def rlaf(
     parent run id among the inputs (it changes every run); the stage finds its parent by
     ``REFINE_AF_PIPELINE_RUN``, so a rerun of the pipeline reuses a trained policy.
     """
-    import os
     from pathlib import Path
 
-    from refine_af import launch
-    from refine_af.config import load_config
+    from refine_af import launch, step
 
-    run_config = load_config(config, list(overrides), base_model=base_model)
+    run_config = step.config(config, config_hash)  # a mismatch stops before the launch
     out_dir = Path(policy.path)
     stage_args = [
         *("--instructions", str(Path(pool.path) / "instructions.jsonl")),
         *("--out", str(out_dir)),
-        *launch.config_args(config, list(overrides), base_model),
-        *("--workspace", os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
+        *launch.stage_args(config, config_hash, step.workspace()),
     ]
     summary = launch.run_stage(processes, "rlaf", stage_args, out_dir)
     for name in ("steps", "reward_first5", "reward_last5"):

@@ -8,10 +8,8 @@ from components.images import RUNTIME_GPU
 @dsl.component(base_image=RUNTIME_GPU, install_kfp_package=False)
 def sft(
     config: str,
-    overrides: list,
-    base_model: str,
+    config_hash: str,
     parent_run_id: str,
-    register: bool,
     processes: int,
     dataset: dsl.Input[dsl.Dataset],
     model: dsl.Output[dsl.Model],
@@ -21,21 +19,16 @@ def sft(
 
     Trains under ``accelerate launch --num_processes processes`` (one per GPU).
     """
-    import os
     from pathlib import Path
 
-    from refine_af import launch
-    from refine_af.config import load_config
+    from refine_af import launch, step
 
-    os.environ["REFINE_AF_PARENT_RUN_ID"] = parent_run_id
-    step_overrides = [*overrides, f"stage4.register_model={register}"]
-    run_config = load_config(config, step_overrides, base_model=base_model)
+    run_config = step.config(config, config_hash)  # a mismatch stops before the launch
     out_dir = Path(model.path)
     stage_args = [
         *("--examples", str(Path(dataset.path) / "examples.jsonl")),
         *("--out", str(out_dir)),
-        *launch.config_args(config, step_overrides, base_model),
-        *("--workspace", os.environ.get("REFINE_AF_WORKSPACE", "/tmp/refine-af")),
+        *launch.stage_args(config, config_hash, step.workspace(), parent_run_id),
     ]
     summary = launch.run_stage(processes, "sft", stage_args, out_dir)
     for name in ("train_examples", "eval_examples", "eval_loss"):

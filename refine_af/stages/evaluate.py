@@ -187,6 +187,7 @@ def run(
     candidate: str,
     baseline: str | None = None,
     workspace: Path,
+    parent_run_id: str | None = None,
     on_start: Callable[[str, int], None] | None = None,
     on_progress: ProgressFn | None = None,
 ) -> EvaluateOutcome:
@@ -234,7 +235,9 @@ def run(
         if on_progress is not None:
             on_progress(name, done[name], len(instances))
 
-    with tracking.stage_run("evaluate", workspace, params, tags=tags, out_dir=out_dir) as stage_run:
+    with tracking.stage_run(
+        "evaluate", workspace, params, parent_run_id=parent_run_id, tags=tags, out_dir=out_dir
+    ) as stage_run:
         for name in to_score:
             if on_start is not None:
                 on_start(name, len(instances))

@@ -156,6 +156,23 @@ def mark_baseline(
     return tags
 
 
+def mark_evaluated(
+    client: mlflow.MlflowClient,
+    model_name: str,
+    version: str,
+    candidate: EvaluationResult,
+    baseline_version: str | None = None,
+    baseline: EvaluationResult | None = None,
+) -> None:
+    """Stage 5's post-step: the run's baseline (when there is one) gets its scores and the
+    ``baseline`` alias, then ``version`` its scores and the ``challenger`` alias."""
+    if baseline_version is not None:
+        if baseline is None:
+            raise InputError(f"baseline version {baseline_version} was not evaluated")
+        mark_baseline(client, model_name, baseline_version, baseline)
+    mark_challenger(client, model_name, version, candidate, baseline_version)
+
+
 # ---------------------------------------------------------------- promotion
 
 

@@ -184,6 +184,7 @@ def run(
     out_dir: Path,
     *,
     workspace: Path,
+    parent_run_id: str | None = None,
     on_step: StepCallback | None = None,
 ) -> StageResult:
     """Train the instance-writing policy; continue from checkpoints already in ``out_dir``.
@@ -213,7 +214,14 @@ def run(
     started = time.monotonic()
     tags = {"refine_af.config_hash": config.config_hash()}
     tracked = (
-        tracking.stage_run("rlaf", workspace, config.to_dict(), tags=tags, out_dir=out_dir)
+        tracking.stage_run(
+            "rlaf",
+            workspace,
+            config.to_dict(),
+            parent_run_id=parent_run_id,
+            tags=tags,
+            out_dir=out_dir,
+        )
         if main
         else nullcontext()
     )

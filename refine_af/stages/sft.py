@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -188,6 +187,7 @@ def run(
     out_dir: Path,
     *,
     workspace: Path,
+    parent_run_id: str | None = None,
     on_step: StepCallback | None = None,
 ) -> StageResult:
     """Fine-tune, save the adapter with its card, log and register it.
@@ -212,9 +212,15 @@ def run(
         f"{TAG}base_model": config.model.base,
         f"{TAG}template": template,
     }
-    parent_run_id = os.environ.get(tracking.PARENT_RUN_ENV)
     tracked = (
-        tracking.stage_run("sft", workspace, config.to_dict(), tags=tags, out_dir=out_dir)
+        tracking.stage_run(
+            "sft",
+            workspace,
+            config.to_dict(),
+            parent_run_id=parent_run_id,
+            tags=tags,
+            out_dir=out_dir,
+        )
         if main
         else nullcontext()
     )

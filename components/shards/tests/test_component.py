@@ -1,11 +1,11 @@
-"""The shard_indices component's interface, as the pipeline and the cluster see it."""
+"""shard_indices, called as KFP calls it."""
 
-from components.interface import interface
+import pytest
+
 from components.shards.component import shard_indices
 
 
-def test_interface():
-    inputs, outputs, image = interface(shard_indices)
-    assert inputs == {"shards": "Integer"}
-    assert outputs == {"Output": "List"}
-    assert image.endswith("/runtime-cpu:0.1.0")
+def test_one_index_per_shard():
+    assert shard_indices.python_func(shards=3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="at least 1"):
+        shard_indices.python_func(shards=0)
