@@ -28,9 +28,10 @@ class SubmitFailed(RuntimeError):
     """The cluster refused the run, or the run failed or did not finish in time (exit 1)."""
 
 
-def compile_for_cluster(out: Path, profile: str, options: dict[str, str | None]) -> Path:
+def compile_for_cluster(out: Path, profile: str, options: dict[str, str | bool | None]) -> Path:
     """Compile the pipeline with ``profile`` and ``--registry``/``--tag``/``--gpu-*`` options
-    into ``out``. Needs the repository's ``pipelines/`` in the working directory."""
+    (True: a flag such as ``--served-generation``) into ``out``. Needs the repository's
+    ``pipelines/`` in the working directory."""
     if not Path("pipelines", "compile.py").is_file():
         raise InputError(
             f"pipelines/compile.py not found in {Path.cwd()}: run `refine-af submit` from the "
@@ -38,7 +39,9 @@ def compile_for_cluster(out: Path, profile: str, options: dict[str, str | None])
         )
     command = [sys.executable, "-m", "pipelines.compile", "--out", str(out), "--profile", profile]
     for name, value in options.items():
-        if value:
+        if value is True:
+            command.append(f"--{name}")
+        elif value:
             command += [f"--{name}", value]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -109,7 +112,7 @@ def submit(
     arguments: dict[str, Any],
     *,
     profile: str,
-    compile_options: dict[str, str | None],
+    compile_options: dict[str, str | bool | None],
     package: Path | None,
     service_account: str | None,
     timeout: int | None,

@@ -188,3 +188,16 @@ def test_bad_options_exit_2_before_anything_is_sent(fake_kfp, monkeypatch, capsy
     code, _, err = _submit(monkeypatch, capsys, *args)
     assert code == 2 and message in err
     assert not any(c.package_text for c in fake_kfp.instances)
+
+
+def test_a_generation_endpoint_compiles_served_placement(fake_kfp, monkeypatch, capsys):
+    """Stage 1 and the base-policy shards only send prompts to the server: no GPU for them."""
+    url = "http://vllm.refine-af.svc.cluster.local:8000/v1"
+    code, _, err = _submit(monkeypatch, capsys, "--generation-endpoint", url)
+    assert code == 0, err
+    [client] = fake_kfp.instances
+    assert client.arguments["generation_endpoint"] == url
+    spec = next(yaml.safe_load_all(client.package_text))
+    executors = spec["deploymentSpec"]["executors"]
+    on_cpu = {n for n, e in executors.items() if "accelerator" not in e["container"]["resources"]}
+    assert "exec-instructions" in on_cpu and "exec-rlaf" not in on_cpu

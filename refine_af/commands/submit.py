@@ -82,7 +82,10 @@ def submit(
     ] = 60.0,
     generation_endpoint: Annotated[
         str,
-        typer.Option(help="OpenAI-compatible server (vLLM) for stages 1, 3, 5; default in-process"),
+        typer.Option(
+            help="OpenAI-compatible server (vLLM) for stages 1, 3, 5; stage 1 and the "
+            "base-policy shards then run as small CPU pods; default in-process"
+        ),
     ] = "",
 ) -> None:
     """Compile the pipeline for the cluster and submit it to Kubeflow Pipelines.
@@ -110,6 +113,8 @@ def submit(
         "gpu-resource": gpu_resource,
         "gpu-toleration": gpu_toleration,
         "model-cache": model_cache,
+        # with a serving engine, steps that only send it prompts need no GPU
+        "served-generation": bool(generation_endpoint),
     }
     try:
         submission.submit(
