@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cli_runner import run_cli
+from cli_runner import cli_output
 
 from refine_af import trainer_args, training
 from refine_af.config import load_config, preset_names
@@ -189,7 +189,7 @@ def test_a_value_trl_refuses_is_input_error() -> None:
 def test_unknown_or_managed_trainer_args_exit_2_naming_key_and_class(
     monkeypatch: pytest.MonkeyPatch, capsys, override: str, message: str
 ) -> None:
-    code, _, err = run_cli(monkeypatch, capsys, "config", "show", "--set", override)
+    code, _, err = cli_output(monkeypatch, capsys, "config", "show", "--set", override)
     assert code == 2
     assert f"--set {override}" in err and message in err
 
