@@ -38,7 +38,8 @@ ENV = {
     "OMP_NUM_THREADS": "1",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONPATH": str(ROOT / "tests"),
+    # this tree's code, also when another checkout is installed in the environment
+    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
 }
 for name in (
     "MLFLOW_TRACKING_URI",

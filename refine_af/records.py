@@ -78,6 +78,13 @@ class ExampleRecord(Record):
     policy: Literal["rl", "base"]
 
 
+class SetAsideEntry(Record):
+    """A filtered or quarantined item (``quarantine_entry``): why, with the context it had."""
+
+    model_config = ConfigDict(extra="allow")
+    reason: str
+
+
 RecordT = TypeVar("RecordT", bound=Record)
 
 

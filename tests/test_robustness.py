@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scripted_backend import ScriptedBackend
 
-from refine_af import cli, locking, records, storage, tracking
+from refine_af import cli, journal, locking, records, storage, tracking
 from refine_af.config import load_config
 from refine_af.errors import InputError, TrackingUnavailable
 from refine_af.records import ExampleRecord, InstructionRecord, SeedInstance, SeedTask
-from refine_af.stages import instructions
+from refine_af.stages import instances, instructions
 
 
 def seed(i: int, **changes) -> dict:
@@ -564,6 +564,127 @@ def test_12_rerunning_sft_does_not_register_a_duplicate_version(tmp_path, tiny_c
     assert versions == ["1", "1"]
     client = tracking.connect(tmp_path / "ws")
     assert len(client.search_model_versions("name = 'refine-af-model'")) == 1
+
+
+def _instances_command(instructions_file: Path, out: Path, model: Path, ws: Path, *sets: str):
+    overrides = [
+        f"model.base={model}", f"stage2.scorers.llm_judge.model={model}",
+        "stage3.samples_per_instruction=2", "stage3.max_new_tokens=12",
+        "generation.batch_size=2", *sets,
+    ]  # fmt: skip
+    args = [arg for item in overrides for arg in ("--set", item)]
+    return [CLI, "stage", "instances", "-i", str(instructions_file), "-o", str(out),
+            "--workspace", str(ws), *args]  # fmt: skip
+
+
+def _blocks_in(out: Path) -> list[dict]:
+    """The journal's finished blocks, read without touching a line being written."""
+    path = out / journal.JOURNAL
+    complete = path.read_bytes().split(b"\n")[:-1] if path.exists() else []
+    return [e for e in map(json.loads, complete) if e["event"] == "block"]
+
+
+@pytest.mark.slow
+def test_11_instances_resume_after_kill_mid_shard_equals_an_uninterrupted_run(
+    tmp_path, tiny_causal_lm_dir
+):
+    from test_instances import write_instructions
+
+    instructions_file = write_instructions(tmp_path / "instructions.jsonl", 24)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path) -> list[str]:
+        return _instances_command(instructions_file, out, tiny_causal_lm_dir, tmp_path / "ws")
+
+    subprocess.run(command(tmp_path / "whole"), env=env, check=True, capture_output=True)
+    blocks = len(_blocks_in(tmp_path / "whole"))
+    assert blocks == 24  # one instruction of two samples per block of batch size 2
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(command(out), env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and len(_blocks_in(out)) < 3:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = len(_blocks_in(out))
+    assert 3 <= before < blocks, "killed too late: the shard had finished"
+    assert not (out / "examples.jsonl").exists()
+
+    subprocess.run(command(out), env=env, check=True, capture_output=True)
+    events = records.read_journal(out / journal.JOURNAL)
+    assert [e["event"] for e in events].count("resume") == 1
+    written = [tuple(e["ids"]) for e in events if e["event"] == "block"]
+    assert len(written) == len(set(written)) == blocks  # none generated twice, none missing
+    for name in ("examples.jsonl", "filtered.jsonl", "quarantine.jsonl", "alpaca.json"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+class SlowWriter:
+    """Test_instances' stand-in model, taking ``delay_s`` a block; interrupted after ``calls``."""
+
+    def __init__(self, delay_s: float, calls: int) -> None:
+        from test_instances import SeededWriter
+
+        self.writer, self.delay_s, self.calls = SeededWriter(), delay_s, calls
+
+    def generate(self, prompts, params, *, chat=False):
+        if len(self.writer.calls) == self.calls:
+            raise KeyboardInterrupt
+        time.sleep(self.delay_s)
+        return self.writer.generate(prompts, params, chat=chat)
+
+
+def test_12_instances_summary_seconds_count_every_invocation(tmp_path):
+    from test_instances import fake_reward, stage_config, write_instructions
+
+    config = stage_config()
+    path = write_instructions(tmp_path / "instructions.jsonl", 11)  # 6 blocks
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        instances.run(
+            config, path, out, SlowWriter(0.4, 4), fake_reward(config), workspace=tmp_path
+        )
+    assert len(_blocks_in(out)) == 4
+    started = time.monotonic()
+    result = instances.run(
+        config, path, out, SlowWriter(0.0, 10**6), fake_reward(config), workspace=tmp_path
+    )
+    second = time.monotonic() - started
+    assert result.summary["instructions"] == 11
+    # the first invocation's 4 blocks (1.6 s) as well as the second invocation
+    assert result.summary["seconds"] >= 4 * 0.4 + second - 0.6
+
+
+def test_10_instances_resume_with_other_settings_is_refused_unless_forced(
+    tmp_path, monkeypatch, capsys
+):
+    from test_instances import SeededWriter, fake_reward, stage_config, write_instructions
+
+    path = write_instructions(tmp_path / "instructions.jsonl", 5)
+    out = tmp_path / "out"
+    first = stage_config()
+    instances.run(first, path, out, SeededWriter(), fake_reward(first), workspace=tmp_path)
+    changed = stage_config("generation.temperature=0.9", "stage3.min_reward=1.0")
+    with pytest.raises(
+        InputError, match=r"different settings: generation\.temperature, stage3\.min_reward;"
+    ):
+        instances.run(changed, path, out, SeededWriter(), fake_reward(changed), workspace=tmp_path)
+    code, _, err = run_cli(
+        monkeypatch, capsys, "stage", "instances", "-i", str(path), "-o", str(out),
+        "--workspace", str(tmp_path), "--set", "generation.batch_size=8",
+        "--set", "stage3.samples_per_instruction=4", "--set", "stage3.max_per_instruction=3",
+        "--set", "generation.seed=7",
+    )  # fmt: skip
+    assert code == 2 and "generation.seed" in err and "--force-resume" in err, err
+    writer = SeededWriter()
+    result = instances.run(
+        changed, path, out, writer, fake_reward(changed), workspace=tmp_path, force_resume=True
+    )
+    assert writer.calls == []  # the same blocks: nothing generated again
+    assert result.summary["config_hash"] == changed.config_hash()
+    resume = [e for e in records.read_journal(out / journal.JOURNAL) if e["event"] == "resume"]
+    assert resume[-1]["forced"] == ["generation.temperature", "stage3.min_reward"]
 
 
 # ------------------------------------------------------------ 7. submit does not hang

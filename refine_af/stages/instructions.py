@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from refine_af import records, storage, threads, tracking
+from refine_af import journal, records, storage, threads, tracking
 from refine_af.bootstrap import Bootstrap
 from refine_af.config import RunConfig
 from refine_af.data import seed_tasks_path
@@ -27,7 +27,7 @@ from refine_af.records import InstructionRecord, SeedTask
 from refine_af.results import StageResult
 from refine_af.self_instruct import ClassificationDetector
 
-JOURNAL = "journal.jsonl"
+JOURNAL = journal.JOURNAL
 OUTPUT_FILES = ("instructions.jsonl", "filtered.jsonl", "quarantine.jsonl", "summary.json")
 
 
@@ -64,46 +64,7 @@ def _resume_key(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resume keys."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [prefix.rstrip(".")]
-
-
-def _check_resume(
-    journal: Path, events: list[dict[str, Any]], config: RunConfig, *, force_resume: bool
-) -> list[str]:
-    """The settings a resume would change; refused (InputError) unless ``force_resume``."""
-    differing = _differences(events[0].get("resume_key"), _resume_key(config))
-    if differing and not force_resume:
-        raise InputError(
-            f"{journal}: this output folder holds a run with different settings: "
-            f"{', '.join(differing)}; use a new --out folder, the earlier settings, or "
-            "--force-resume to mix them (only stage1.num_instructions and max_rounds may change)"
-        )
-    return differing
-
-
-def _open_journal(
-    out_dir: Path, config: RunConfig, *, force_resume: bool = False
-) -> tuple[Path, list[dict[str, Any]]]:
-    """The journal and its events; a resume records itself (config hash, forced keys)."""
-    journal = out_dir / JOURNAL
-    events = records.read_journal(journal)
-    if not events:
-        start = {
-            "event": "start",
-            "resume_key": _resume_key(config),
-            "config_hash": config.config_hash(),
-        }
-        records.append_jsonl(journal, [start])
-        return journal, [start]
-    differing = _check_resume(journal, events, config, force_resume=force_resume)
-    resume = {"event": "resume", "config_hash": config.config_hash(), "forced": differing}
-    records.append_jsonl(journal, [resume])
-    return journal, [*events, resume]
+MAY_CHANGE = "stage1.num_instructions and max_rounds"
 
 
 def _write_outputs(out_dir: Path, state: Bootstrap, summary: dict[str, Any]) -> None:
@@ -158,7 +119,13 @@ def run(
     settings = config.stage1
     seeds, seed_path = load_seeds(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    journal, events = _open_journal(out_dir, config, force_resume=force_resume)
+    journal_path, events = journal.open_journal(
+        out_dir,
+        _resume_key(config),
+        config.config_hash(),
+        force_resume=force_resume,
+        may_change=MAY_CHANGE,
+    )
     state = Bootstrap(settings, seeds)
     state.restore(events)
     detector = ClassificationDetector(backend, seeds, settings.classification_shots)
@@ -194,7 +161,7 @@ def run(
             round_events.append(
                 {"event": "round", "round": state.rounds, "seconds": round(round_seconds, 3)}
             )
-            records.append_jsonl(journal, round_events)
+            records.append_jsonl(journal_path, round_events)
             _log_round(stage_run, state)
             if on_round is not None:
                 on_round(state)
@@ -243,7 +210,5 @@ def execute(
 def check(config: RunConfig, out_dir: Path, workspace: Path, *, force_resume: bool = False) -> None:
     """Everything that can fail without a model: the seeds, a resume's settings, MLflow."""
     load_seeds(config)
-    journal = out_dir / JOURNAL
-    if journal.is_file() and (events := records.read_journal(journal)):
-        _check_resume(journal, events, config, force_resume=force_resume)
+    journal.check(out_dir, _resume_key(config), force_resume=force_resume, may_change=MAY_CHANGE)
     tracking.connect(workspace)
