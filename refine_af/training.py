@@ -76,9 +76,16 @@ def log_history(trainer) -> list[dict[str, Any]]:
 
 
 def _last_checkpoint(checkpoints: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    """The newest complete checkpoint. The trainer writes a checkpoint's trainer state
+    last, so one without it was cut by a kill while saving and cannot be resumed;
+    transformers' ``get_last_checkpoint`` would pick it."""
+    steps = {
+        int(folder.name.removeprefix("checkpoint-")): folder
+        for folder in checkpoints.glob("checkpoint-*")
+        if folder.name.removeprefix("checkpoint-").isdigit()
+        and (folder / "trainer_state.json").is_file()
+    }
+    return str(steps[max(steps)]) if steps else None
 
 
 def resumable_checkpoint(out_dir: Path, key: dict[str, Any], may_change: str) -> str | None:

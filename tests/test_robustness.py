@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scripted_backend import ScriptedBackend
 
-from refine_af import cli, journal, locking, records, storage, tracking
+from refine_af import cli, journal, locking, records, storage, tracking, training
 from refine_af.config import load_config
 from refine_af.errors import InputError, TrackingUnavailable
 from refine_af.records import ExampleRecord, InstructionRecord, SeedInstance, SeedTask
@@ -528,7 +528,20 @@ def test_11_sft_killed_mid_training_resumes_from_its_checkpoint(tmp_path, tiny_c
     assert summary["resumed_from_checkpoint"] and summary["steps"] == 12
     assert int(summary["resumed_from_checkpoint"].rsplit("-", 1)[1]) >= 2
     assert not (out / "checkpoints").exists()  # cleaned once the adapter is published
+    assert [p.name for p in out.iterdir() if p.name.startswith(".adapter")] == []
     assert list((tmp_path / "tmp").iterdir()) == []  # nothing left in the temp directory
+
+
+def test_11_a_checkpoint_cut_while_saving_is_not_resumed(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / training.CHECKPOINTS_DIR / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        if complete:  # the trainer writes its state last
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / training.RUN_KEY).write_text(json.dumps({"k": 1}))
+    resumed = training.resumable_checkpoint(tmp_path, {"k": 1}, "")
+    assert resumed == str(tmp_path / training.CHECKPOINTS_DIR / "checkpoint-4")
 
 
 def test_11_failed_s3_mirror_leaves_no_download_folder(tmp_path, monkeypatch):
@@ -670,7 +683,7 @@ def test_10_instances_resume_with_other_settings_is_refused_unless_forced(
         InputError, match=r"different settings: generation\.temperature, stage3\.min_reward;"
     ):
         instances.run(changed, path, out, SeededWriter(), fake_reward(changed), workspace=tmp_path)
-    code, _, err = run_cli(
+    code, _, err = cli_output(
         monkeypatch, capsys, "stage", "instances", "-i", str(path), "-o", str(out),
         "--workspace", str(tmp_path), "--set", "generation.batch_size=8",
         "--set", "stage3.samples_per_instruction=4", "--set", "stage3.max_per_instruction=3",
