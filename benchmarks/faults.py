@@ -14,6 +14,7 @@ The last line is the JSON summary.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +76,7 @@ class Tally:
             self.failures.append(f"{case}: lost {lost}, duplicated {duplicated}")
 
     def hang(self, case: str, seconds: float, code: int, expected: int) -> None:
+        print(f"{case}: hung {seconds:.1f} s, exit {code}", flush=True)
         self.cases += 1
         self.max_hang_s = max(self.max_hang_s, seconds)
         if code != expected:
@@ -85,34 +89,121 @@ def run(command: list[str], env: dict | None = None, timeout: float = 600):
     return done.returncode, done.stderr, time.monotonic() - started
 
 
-def killed_at(command: list[str], delay: float, tally: Tally) -> None:
-    """Start ``command`` and SIGKILL it after ``delay`` seconds (if still running)."""
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def footprint(folder: Path) -> list[tuple[str, int, int]] | None:
+    """What a run has written so far: every file's name, size and mtime."""
     try:
-        process.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    tally.process(process.stderr.read().decode(errors="replace"))
+        return sorted(
+            (str(path), stat.st_size, stat.st_mtime_ns)
+            for path in folder.rglob("*")
+            if path.is_file() and (stat := path.stat())
+        )
+    except OSError:  # a file went away while it was listed: that is a change too
+        return None
+
+
+@dataclass
+class Watched:
+    """How a watched process ended, and when its output folder changed (seconds from start)."""
+
+    code: int
+    stderr: str
+    seconds: float
+    changes: list[float] = field(default_factory=list)
+    units: list[tuple[float, int]] = field(default_factory=list)  # (when, work kept)
+
+    def longest_gap(self, since: float = 0.0) -> float:
+        """The longest time after ``since`` in which the process wrote nothing, until it exited:
+        how long it hung, as opposed to how long it worked."""
+        marks = [since, *(t for t in self.changes if t > since), self.seconds]
+        return max(b - a for a, b in itertools.pairwise(marks))
+
+
+def watched(
+    command: list[str], out: Path, *, env: dict | None = None, kill_after: float | None = None,
+    units=None, on_tick=None, timeout: float = 600,
+) -> Watched:  # fmt: skip
+    """Run ``command`` to its end (or SIGKILL it after ``kill_after`` seconds), watching
+    ``out``; ``units(out)`` counts the work kept so far (journal entries, checkpoints) and
+    ``on_tick(seconds)`` runs on every poll. stderr goes to a file, so a full pipe cannot
+    stall the process."""
+    with tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, env=env or ENV, stdout=subprocess.DEVNULL, stderr=err)
+        started = time.monotonic()
+        result = Watched(0, "", 0.0)
+        last, done = footprint(out), units(out) if units else 0
+        while process.poll() is None:
+            now = time.monotonic() - started
+            if (kill_after is not None and now >= kill_after) or now >= timeout:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                break
+            if on_tick is not None:
+                on_tick(now)
+            time.sleep(0.1)
+            if (current := footprint(out)) != last:
+                result.changes.append(time.monotonic() - started)
+                last = current
+                if units and (count := units(out)) > done:
+                    result.units.append((time.monotonic() - started, count))
+                    done = count
+        result.code, result.seconds = process.returncode, time.monotonic() - started
+        err.seek(0)
+        result.stderr = err.read().decode(errors="replace")
+    return result
+
+
+def journal_units(event: str):
+    """Counts the finished rounds (stage 1) or blocks (stage 3) in a folder's journal."""
+    marker = f'"event": "{event}"'.encode()
+
+    def count(out: Path) -> int:
+        path = out / "journal.jsonl"
+        complete = path.read_bytes().split(b"\n")[:-1] if path.is_file() else []
+        return sum(marker in line for line in complete)
+
+    return count
+
+
+def checkpoint_units(out: Path) -> int:
+    """Stage 4: the step of its newest complete checkpoint (the trainer state is written last)."""
+    steps = [
+        int(p.parent.name.removeprefix("checkpoint-"))
+        for p in (out / "checkpoints").glob("checkpoint-*/trainer_state.json")
+    ]
+    return max(steps, default=0)
 
 
 def lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").split("\n")[:-1] if path.is_file() else []
 
 
+def kill_span(reference: Watched) -> tuple[float, float]:
+    """Kill points: from just before the reference run kept its first unit of work to when it
+    kept its last, so kills land in the work itself rather than in start-up."""
+    assert len(reference.units) >= 2, f"too little work to kill in: {reference.units}"
+    return max(reference.units[0][0] - 1.0, 0.0), reference.units[-1][0]
+
+
 def kill_chain(
     name: str, command: list[str], out: Path, files: list[str], reference: dict, kills: int,
-    span: tuple[float, float], rng: random.Random, tally: Tally,
-) -> None:  # fmt: skip
-    """Kill ``command`` ``kills`` times at random points of ``span``, then let it finish."""
+    span: tuple[float, float], rng: random.Random, tally: Tally, units,
+) -> list[int]:  # fmt: skip
+    """Kill ``command`` ``kills`` times at random points of ``span``, then let it finish;
+    returns the work kept after each kill."""
+    kept = []
     for _ in range(kills):
-        killed_at(command, rng.uniform(*span), tally)
+        tally.process(watched(command, out, kill_after=rng.uniform(*span)).stderr)
+        kept.append(units(out))
     code, stderr, _ = run(command)
     tally.process(stderr)
     if code != 0:
         tally.failures.append(f"{name}: final run exit {code}: {stderr.strip()[-300:]}")
     for file in files:
         tally.compare(f"{name} {file}", reference[file], lines(out / file))
+    print(f"{name}: work kept after each kill {kept}", flush=True)
+    if not any(k > 0 for k in kept):
+        tally.failures.append(f"{name}: no kill landed after some work was kept")
+    return kept
 
 
 def tiny_llama(target: Path) -> Path:
@@ -153,33 +244,30 @@ def main() -> None:
         # ------------------------------------------------ stage 1: reference, kills, races
         ws = root / "ws"
         stage1 = lambda out, target="60": [SCRIPTED, str(out), str(ws), target]  # noqa: E731
-        code, stderr, seconds1 = run([sys.executable, *stage1(root / "s1-ref")])
-        assert code == 0, stderr
+        rounds = journal_units("round")
+        ref = watched([sys.executable, *stage1(root / "s1-ref")], root / "s1-ref", units=rounds)
+        assert ref.code == 0, ref.stderr
         files1 = ["instructions.jsonl", "filtered.jsonl", "quarantine.jsonl"]
         ref1 = {f: lines(root / "s1-ref" / f) for f in files1}
-        print(f"stage 1 reference: {seconds1:.1f} s", flush=True)
+        print(f"stage 1 reference: {ref.seconds:.1f} s, {ref.units[-1][1]} rounds", flush=True)
         kill_chain(
             "stage 1 kill -9", [sys.executable, *stage1(root / "s1-kill")], root / "s1-kill",
-            files1, ref1, options.kills, (seconds1 * 0.3, seconds1 * 0.95), rng, tally,
+            files1, ref1, options.kills, kill_span(ref), rng, tally, rounds,
         )  # fmt: skip
         print(f"stage 1: {options.kills} kills done", flush=True)
         for attempt in range(3):  # two runs at once on one folder
             out = root / f"s1-race{attempt}"
-            runs = [
-                subprocess.Popen([sys.executable, *stage1(out)], env=ENV, text=True,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                for _ in range(2)
-            ]  # fmt: skip
-            begun = time.monotonic()
-            codes = []
-            for process in runs:
-                codes.append(process.wait(timeout=600))
-                tally.process(process.stderr.read())
-            loser = min(time.monotonic() - begun, 600)
-            if sorted(codes) == [0, 2]:
-                tally.hang(f"race {attempt}", 0.0, 0, 0)
-            else:
-                tally.hang(f"race {attempt}", loser, codes[0] + codes[1], 2)
+            command = [sys.executable, *stage1(out)]
+            with ThreadPoolExecutor(2) as pool:
+                both = list(pool.map(watched, [command, command], [out, out]))
+            for one in both:
+                tally.process(one.stderr)
+            codes = sorted(one.code for one in both)
+            # the loser exits 2 at once; or it started after the winner had finished, found
+            # the target met and wrote nothing new: then no process waited on another
+            refused = [one.seconds for one in both if one.code == 2]
+            tally.hang(f"race {attempt}", max(refused, default=0.0), 0 if codes in
+                       ([0, 2], [0, 0]) else sum(codes), 0)  # fmt: skip
             for file in files1:
                 tally.compare(f"race {attempt} {file}", ref1[file], lines(out / file))
         print("stage 1: races done", flush=True)
@@ -192,20 +280,22 @@ def main() -> None:
         url, server = start_mlflow_server(server_root)
         out = root / "s1-mlflow"
         env = {**ENV, "MLFLOW_TRACKING_URI": url}
-        process = subprocess.Popen(
-            [sys.executable, *stage1(out, "150")], env=env, text=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        while not (out / "journal.jsonl").exists() and process.poll() is None:
-            time.sleep(0.1)
-        time.sleep(2)
-        server.send_signal(signal.SIGKILL)
-        _stop_group(server)
-        lost_at = time.monotonic()
-        code = process.wait(timeout=600)
-        stderr = process.stderr.read()
-        tally.process(stderr)
-        tally.hang("mlflow killed mid-stage", time.monotonic() - lost_at, code, 1)
+        lost_at: list[float] = []
+
+        def kill_server(now: float) -> None:
+            """Kill the tracking server 2 s after the stage started its journal."""
+            journal = out / "journal.jsonl"
+            if not lost_at and journal.is_file() and time.time() - journal.stat().st_ctime > 2:
+                server.send_signal(signal.SIGKILL)
+                _stop_group(server)
+                lost_at.append(now)
+
+        lost = watched([sys.executable, *stage1(out, "150")], out, env=env, on_tick=kill_server)
+        tally.process(lost.stderr)
+        assert lost_at, "the stage ended before the server could be killed"
+        # the stage keeps working (its outputs complete), so the hang is the longest time
+        # it wrote nothing after the server went away
+        tally.hang("mlflow killed mid-stage", lost.longest_gap(lost_at[0]), lost.code, 1)
         _, _, _ = run([sys.executable, *stage1(root / "s1-ref150", "150")])
         for file in files1:
             tally.compare(
@@ -248,14 +338,15 @@ def main() -> None:
             CLI, "stage", "instances", "-i", str(instructions), "-o", str(out),
             "--workspace", str(ws), *[a for s in sets3 for a in ("--set", s)],
         ]  # fmt: skip
-        code, stderr, seconds3 = run(stage3(root / "s3-ref"))
-        assert code == 0, stderr
+        blocks = journal_units("block")
+        ref = watched(stage3(root / "s3-ref"), root / "s3-ref", units=blocks)
+        assert ref.code == 0, ref.stderr
         files3 = ["examples.jsonl", "filtered.jsonl", "quarantine.jsonl"]
         ref3 = {f: lines(root / "s3-ref" / f) for f in files3}
-        print(f"stage 3 reference: {seconds3:.1f} s", flush=True)
+        print(f"stage 3 reference: {ref.seconds:.1f} s, {ref.units[-1][1]} blocks", flush=True)
         kill_chain(
             "stage 3 kill -9", stage3(root / "s3-kill"), root / "s3-kill", files3, ref3,
-            options.kills, (seconds3 * 0.3, seconds3 * 0.95), rng, tally,
+            options.kills, kill_span(ref), rng, tally, blocks,
         )  # fmt: skip
         print(f"stage 3: {options.kills} kills done", flush=True)
 
@@ -278,12 +369,17 @@ def main() -> None:
             CLI, "stage", "sft", "-e", str(examples), "-o", str(out), "--workspace", str(ws),
             *[a for s in sets4 for a in ("--set", s)],
         ]  # fmt: skip
-        code, stderr, seconds4 = run(stage4(root / "s4-ref"))
-        assert code == 0, stderr
-        print(f"stage 4 reference: {seconds4:.1f} s", flush=True)
+        ref = watched(stage4(root / "s4-ref"), root / "s4-ref", units=checkpoint_units)
+        assert ref.code == 0, ref.stderr
+        print(f"stage 4 reference: {ref.seconds:.1f} s, checkpoints {ref.units}", flush=True)
         out = root / "s4-kill"
+        kept = []
         for _ in range(options.kills):
-            killed_at(stage4(out), rng.uniform(seconds4 * 0.4, seconds4 * 0.95), tally)
+            tally.process(watched(stage4(out), out, kill_after=rng.uniform(*kill_span(ref))).stderr)
+            kept.append(checkpoint_units(out))
+        print(f"stage 4 kill -9: checkpoint kept after each kill {kept}", flush=True)
+        if not any(kept):
+            tally.failures.append("stage 4 kill -9: no kill landed after a checkpoint")
         code, stderr, _ = run(stage4(out))
         tally.process(stderr)
         summary = json.loads((out / "summary.json").read_text()) if code == 0 else {}
