@@ -127,10 +127,10 @@ def watched(
     command: list[str], out: Path, *, env: dict | None = None, kill_after: float | None = None,
     units=None, on_tick=None, timeout: float = 600,
 ) -> Watched:  # fmt: skip
-    """Run ``command`` to its end (or SIGKILL it after ``kill_after`` seconds), watching
-    ``out``; ``units(out)`` counts the work kept so far (journal entries, checkpoints) and
-    ``on_tick(seconds)`` runs on every poll. stderr goes to a file, so a full pipe cannot
-    stall the process."""
+    """Run ``command`` to its end (or SIGKILL it ``kill_after`` seconds after it first wrote
+    to ``out``: it took the folder's lock), watching ``out``; ``units(out)`` counts the work
+    kept so far (journal entries, checkpoints) and ``on_tick(seconds)`` runs on every poll.
+    stderr goes to a file, so a full pipe cannot stall the process."""
     with tempfile.TemporaryFile() as err:
         process = subprocess.Popen(command, env=env or ENV, stdout=subprocess.DEVNULL, stderr=err)
         started = time.monotonic()
@@ -138,7 +138,8 @@ def watched(
         last, done = footprint(out), units(out) if units else 0
         while process.poll() is None:
             now = time.monotonic() - started
-            if (kill_after is not None and now >= kill_after) or now >= timeout:
+            locked = result.changes[0] if result.changes else math.inf
+            if (kill_after is not None and now >= locked + kill_after) or now >= timeout:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
                 break
@@ -183,10 +184,11 @@ def lines(path: Path) -> list[str]:
 
 
 def kill_span(reference: Watched) -> tuple[float, float]:
-    """Kill points: from just before the reference run kept its first unit of work to when it
-    kept its last, so kills land in the work itself rather than in start-up."""
+    """Kill points, counted from when a run takes its folder's lock: up to when the reference
+    run kept its last unit of work, so kills land in the work rather than in the start-up
+    (which differs between runs: the first one creates the MLflow store)."""
     assert len(reference.units) >= 2, f"too little work to kill in: {reference.units}"
-    return max(reference.units[0][0] - 1.0, 0.0), reference.units[-1][0]
+    return 0.0, reference.units[-1][0] - reference.changes[0]
 
 
 def kill_chain(
