@@ -6,9 +6,9 @@ checks, for every case, that the final outputs equal an uninterrupted run's (no 
 lost or duplicated), that no process printed a traceback, and how long a process hung: the
 longest time it wrote nothing after its server went away (a stage keeps working), or its
 time to exit beyond the command line's start-up (a server gone from the start, a run
-refused by another's lock). Kill points are drawn with a fixed seed from the span in which
-the reference run kept its work (stage 1's rounds, stage 3's blocks, stage 4's checkpoints),
-and the work kept after each kill is printed.
+refused by another's lock). Kill points are drawn with a fixed seed in the work itself: just
+after a run keeps a randomly chosen next unit of work (stage 1's rounds, stage 3's blocks,
+stage 4's checkpoints), plus up to one unit's time; the work kept after each kill is printed.
 
     python benchmarks/faults.py [--kills 10] [--seed 0]
 
@@ -124,34 +124,37 @@ class Watched:
 
 
 def watched(
-    command: list[str], out: Path, *, env: dict | None = None, kill_after: float | None = None,
+    command: list[str], out: Path, *, env: dict | None = None,
+    kill_at: tuple[int, float] | None = None,
     units=None, on_tick=None, timeout: float = 600,
 ) -> Watched:  # fmt: skip
-    """Run ``command`` to its end (or SIGKILL it ``kill_after`` seconds after it first wrote
-    to ``out``: it took the folder's lock), watching ``out``; ``units(out)`` counts the work
-    kept so far (journal entries, checkpoints) and ``on_tick(seconds)`` runs on every poll.
-    stderr goes to a file, so a full pipe cannot stall the process."""
+    """Run ``command`` to its end, watching ``out``: ``units(out)`` counts the work kept so far
+    (journal entries, checkpoints), ``on_tick(seconds)`` runs on every poll, and with
+    ``kill_at=(units, seconds)`` the process is SIGKILLed that many seconds after it has kept
+    that much work. stderr goes to a file, so a full pipe cannot stall the process."""
     with tempfile.TemporaryFile() as err:
         process = subprocess.Popen(command, env=env or ENV, stdout=subprocess.DEVNULL, stderr=err)
         started = time.monotonic()
         result = Watched(0, "", 0.0)
         last, done = footprint(out), units(out) if units else 0
+        reached = 0.0 if kill_at and done >= kill_at[0] else None
         while process.poll() is None:
             now = time.monotonic() - started
-            locked = result.changes[0] if result.changes else math.inf
-            if (kill_after is not None and now >= locked + kill_after) or now >= timeout:
+            if (reached is not None and now >= reached + kill_at[1]) or now >= timeout:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
                 break
             if on_tick is not None:
                 on_tick(now)
-            time.sleep(0.1)
+            time.sleep(0.05)
             if (current := footprint(out)) != last:
                 result.changes.append(time.monotonic() - started)
                 last = current
                 if units and (count := units(out)) > done:
                     result.units.append((time.monotonic() - started, count))
                     done = count
+                    if kill_at and reached is None and done >= kill_at[0]:
+                        reached = time.monotonic() - started
         result.code, result.seconds = process.returncode, time.monotonic() - started
         err.seek(0)
         result.stderr = err.read().decode(errors="replace")
@@ -183,23 +186,27 @@ def lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").split("\n")[:-1] if path.is_file() else []
 
 
-def kill_span(reference: Watched) -> tuple[float, float]:
-    """Kill points, counted from when a run takes its folder's lock: up to when the reference
-    run kept its last unit of work, so kills land in the work rather than in the start-up
-    (which differs between runs: the first one creates the MLflow store)."""
-    assert len(reference.units) >= 2, f"too little work to kill in: {reference.units}"
-    return 0.0, reference.units[-1][0] - reference.changes[0]
+def kill_point(reference: Watched, kept: int, rng: random.Random) -> tuple[int, float]:
+    """Where to kill the next run: once it has kept one of the next units of work (drawn
+    from the nearest third of what is left in the reference run), plus up to one unit's
+    time; so kills land in the work, whatever the load does to start-up times."""
+    times, counts = zip(*reference.units, strict=True)
+    unit_s = (times[-1] - times[0]) / max(len(times) - 1, 1)
+    ahead = [count for count in counts if count > kept]
+    target = rng.choice(ahead[: max(1, len(ahead) // 3)]) if ahead else kept
+    return target, rng.uniform(0.0, unit_s)
 
 
 def kill_chain(
     name: str, command: list[str], out: Path, files: list[str], reference: dict, kills: int,
-    span: tuple[float, float], rng: random.Random, tally: Tally, units,
+    ref: Watched, rng: random.Random, tally: Tally, units,
 ) -> list[int]:  # fmt: skip
-    """Kill ``command`` ``kills`` times at random points of ``span``, then let it finish;
-    returns the work kept after each kill."""
+    """Kill ``command`` ``kills`` times at random points of its work (``kill_point``), then
+    let it finish; returns the work kept after each kill."""
     kept = []
     for _ in range(kills):
-        tally.process(watched(command, out, kill_after=rng.uniform(*span)).stderr)
+        point = kill_point(ref, units(out), rng)
+        tally.process(watched(command, out, kill_at=point, units=units).stderr)
         kept.append(units(out))
     code, stderr, _ = run(command)
     tally.process(stderr)
@@ -264,7 +271,7 @@ def main() -> None:
         print(f"stage 1 reference: {ref.seconds:.1f} s, {ref.units[-1][1]} rounds", flush=True)
         kill_chain(
             "stage 1 kill -9", [sys.executable, *stage1(root / "s1-kill")], root / "s1-kill",
-            files1, ref1, options.kills, kill_span(ref), rng, tally, rounds,
+            files1, ref1, options.kills, ref, rng, tally, rounds,
         )  # fmt: skip
         print(f"stage 1: {options.kills} kills done", flush=True)
         for attempt in range(3):  # two runs at once on one folder
@@ -369,7 +376,7 @@ def main() -> None:
         print(f"stage 3 reference: {ref.seconds:.1f} s, {ref.units[-1][1]} blocks", flush=True)
         kill_chain(
             "stage 3 kill -9", stage3(root / "s3-kill"), root / "s3-kill", files3, ref3,
-            options.kills, kill_span(ref), rng, tally, blocks,
+            options.kills, ref, rng, tally, blocks,
         )  # fmt: skip
         print(f"stage 3: {options.kills} kills done", flush=True)
 
@@ -398,7 +405,9 @@ def main() -> None:
         out = root / "s4-kill"
         kept = []
         for _ in range(options.kills):
-            tally.process(watched(stage4(out), out, kill_after=rng.uniform(*kill_span(ref))).stderr)
+            point = kill_point(ref, checkpoint_units(out), rng)
+            watch = watched(stage4(out), out, kill_at=point, units=checkpoint_units)
+            tally.process(watch.stderr)
             kept.append(checkpoint_units(out))
         print(f"stage 4 kill -9: checkpoint kept after each kill {kept}", flush=True)
         if not any(kept):
