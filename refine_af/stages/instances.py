@@ -170,11 +170,11 @@ def run(
     ``force_resume``); the outputs are written at the end. ``on_block(instructions done,
     instructions in total, part so far)`` shows progress.
     """
+    started = time.monotonic()
     inputs = instructions if isinstance(instructions, Inputs) else read_inputs(
         config, instructions, shard
     )  # fmt: skip
     writer = InstanceWriter(config, backend, reward)
-    started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     journal_path, events = journal.open_journal(
         out_dir,
