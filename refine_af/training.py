@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from refine_af.errors import InputError
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 RUN_KEY = "run_key.json"
+SECONDS_FILE = "refine_af_seconds.json"  # in each checkpoint: the time spent to reach it
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
 """(step, max steps, that step's metrics): the progress display's hook"""
@@ -101,6 +103,60 @@ def resumable_checkpoint(out_dir: Path, key: dict[str, Any], may_change: str) ->
             f"inputs; use a new --out folder (only {may_change} may change)"
         )
     return checkpoint
+
+
+def train(trainer, checkpoint: str | None):
+    """``trainer.train``, continuing from ``checkpoint``; returns its ``TrainOutput``.
+
+    A checkpoint that already reached the run's last step is restored instead (adapter
+    weights and trainer state): transformers' Trainer resumed from it takes one step past
+    ``max_steps``, as it checks the limit only after the next step. Under DeepSpeed the
+    trainer's engine exists only inside ``train``, so there it trains as before.
+    """
+    if checkpoint is None or trainer.is_deepspeed_enabled or not _finished(trainer, checkpoint):
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    folder = Path(checkpoint)
+    set_peft_model_state_dict(trainer.model, load_file(folder / "adapter_model.safetensors"))
+    trainer.state = TrainerState.load_from_json(str(folder / "trainer_state.json"))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    mean_loss = sum(losses) / len(losses) if losses else math.nan
+    return TrainOutput(trainer.state.global_step, mean_loss, {})
+
+
+def _finished(trainer, checkpoint: str) -> bool:
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    last = trainer.args.max_steps if trainer.args.max_steps > 0 else state["max_steps"]
+    return state["global_step"] >= last > 0
+
+
+def seconds_callback(seconds_before: float):
+    """Save the seconds spent so far into every checkpoint, so the summary of a resumed
+    run counts every invocation, not only the last."""
+    from transformers import TrainerCallback
+
+    started = time.monotonic()
+
+    class SaveSeconds(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                seconds = seconds_before + time.monotonic() - started
+                storage.write_text(folder / SECONDS_FILE, json.dumps({"seconds": seconds}))
+
+    return SaveSeconds()
+
+
+def seconds_before(checkpoint: str | None) -> float:
+    """The seconds saved with ``checkpoint`` (0 without one)."""
+    path = Path(checkpoint or "") / SECONDS_FILE
+    if checkpoint is None or not path.is_file():
+        return 0.0
+    return float(json.loads(path.read_text(encoding="utf-8"))["seconds"])
 
 
 def write_run_key(out_dir: Path, key: dict[str, Any]) -> None:

@@ -236,7 +236,7 @@ def run(
                 totals_callback(composite, seconds_before),
             ],
         )
-        trainer.train(resume_from_checkpoint=checkpoint)
+        training.train(trainer, checkpoint)
         staging = training.staging_dir(out_dir)
         if not training.save_adapter(trainer, staging, config.model.base):
             return StageResult(out_dir, {})

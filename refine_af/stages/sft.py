@@ -233,6 +233,7 @@ def run(
         "dataset_sha256": data.dataset_sha256,
     }
     checkpoint = training.resumable_checkpoint(out_dir, key, "stage4.max_steps")
+    earlier = training.seconds_before(checkpoint)  # spent by the invocations before this one
     if main:
         training.write_run_key(out_dir, key)
     with tracked as stage_run:
@@ -242,10 +243,13 @@ def run(
             [to_row(e, template) for e in data.evaluation],
             checkpoints,
             tokenizer,
-            [training.forwarding_callback(stage_run, on_step)],
+            [
+                training.forwarding_callback(stage_run, on_step),
+                training.seconds_callback(earlier),
+            ],
         )
         before = trainer.evaluate()["eval_loss"] if data.evaluation else None
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        result = training.train(trainer, checkpoint)
         after = final_eval_loss(trainer) if data.evaluation else None
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = training.staging_dir(out_dir)
@@ -285,7 +289,7 @@ def run(
             storage.write_text(
                 out_dir / ADAPTER_DIR / "README.md", cards.model_card(summary, config)
             )
-        summary["seconds"] = round(time.monotonic() - started, 1)
+        summary["seconds"] = round(earlier + time.monotonic() - started, 1)
         history = training.log_history(trainer)
         storage.write_text(out_dir / "sft_config.yaml", config.to_yaml())
         records.write_jsonl(out_dir / "metrics.jsonl", history)
