@@ -10,7 +10,6 @@ import torch
 from refine_af import training
 
 
-
 class Tokens(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 32
@@ -25,8 +24,8 @@ def _trainer(out: Path, callbacks=()):
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"]))
     args = TrainingArguments(str(out), max_steps=4, save_steps=2, per_device_train_batch_size=4,
                              learning_rate=0.1, logging_steps=1, report_to=[], use_cpu=True,
