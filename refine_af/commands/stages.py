@@ -150,6 +150,10 @@ def instances(
     ] = None,
     config: ConfigOption = "local-cpu",
     overrides: SetOption = None,
+    force_resume: Annotated[
+        bool,
+        typer.Option(help="continue a run in --out even if its blocks came from other settings"),
+    ] = False,
     workspace: WorkspaceOption = Path("workspace"),
 ) -> None:
     """Stage 3: instances for the instructions, written by the policy and scored.
@@ -157,6 +161,7 @@ def instances(
     Writes examples.jsonl (the triplets with scores and reward), filtered.jsonl and
     quarantine.jsonl (with reasons), alpaca.json, dataset/ (parquet + dataset card) and
     summary.json. With --shard, writes that shard's records and shard.json instead.
+    Re-running with the same --out continues from the last finished block.
     """
     from refine_af.stages import instances as stage
 
@@ -170,8 +175,9 @@ def instances(
             bar.update(task, completed=done, total=total, kept=len(so_far.examples))
 
         result = stage.execute(
-            run_config, instructions, out_dir, workspace=workspace, shard=part, on_block=show
-        )
+            run_config, instructions, out_dir, workspace=workspace, shard=part, on_block=show,
+            force_resume=force_resume,
+        )  # fmt: skip
     where = f" · shard {part.index}/{part.count}" if part else ""
     _show_instances(result.summary, where)
     if part is None and not result.summary["kept"]:
