@@ -7,6 +7,8 @@ other registry failure propagates.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -69,3 +71,33 @@ def load_evaluation(client: mlflow.MlflowClient, model_version: ModelVersion) ->
                 f"version {model_version.version}: evaluation {origin} cannot be read ({error})"
             ) from error
         return superni.parse_result(Path(local).read_text(), origin)
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    """One row of ``refine-af models list``."""
+
+    version: str
+    aliases: list[str]
+    created: datetime
+    source: str
+    tags: dict[str, str]
+
+
+def list_versions(client: mlflow.MlflowClient, model_name: str) -> list[VersionSummary]:
+    """Every version of the model, newest first, with its aliases and refine-af tags."""
+    aliases = require_model(client, model_name)
+    by_version: dict[str, list[str]] = {}
+    for alias, version in sorted(aliases.items()):
+        by_version.setdefault(version, []).append(alias)
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    return [
+        VersionSummary(
+            version=str(v.version),
+            aliases=by_version.get(str(v.version), []),
+            created=datetime.fromtimestamp(v.creation_timestamp / 1000, UTC),
+            source=v.source,
+            tags={k: val for k, val in v.tags.items() if k.startswith("refine_af.")},
+        )
+        for v in sorted(versions, key=lambda v: int(v.version), reverse=True)
+    ]

@@ -83,12 +83,12 @@ def list_versions(
 
     The run's no-RL baselines are versions too (policy base, alias baseline on the latest).
     """
-    from refine_af import tracking
+    from refine_af import registry, tracking
     from refine_af.stages import register
 
     run_config = load(config, overrides)
     name = run_config.stage6.model_name
-    versions = register.list_versions(tracking.connect(workspace), name)
+    versions = registry.list_versions(tracking.connect(workspace), name)
     table = Table(title=f"registered model {name}")
     columns = ("version", "aliases", "policy", "created (UTC)", "ROUGE-L", "tasks")
     for column in (*columns, "vs baseline", "vs champion", "promotion"):

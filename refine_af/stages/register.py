@@ -69,17 +69,6 @@ class Promotion:
         return self.tags.get(f"{PROMOTION}summary", f"{self.decision}: {'; '.join(self.reasons)}")
 
 
-@dataclass(frozen=True)
-class VersionSummary:
-    """One row of ``refine-af models list``."""
-
-    version: str
-    aliases: list[str]
-    created: datetime
-    source: str
-    tags: dict[str, str]
-
-
 # ---------------------------------------------------------------- challenger
 
 
@@ -287,25 +276,3 @@ def promote(
     if decision != "rejected":
         client.set_registered_model_alias(model_name, CHAMPION, str(version))
     return Promotion(model_name, str(version), champion, decision, reasons, comparisons, tags)
-
-
-# ---------------------------------------------------------------- listing
-
-
-def list_versions(client: mlflow.MlflowClient, model_name: str) -> list[VersionSummary]:
-    """Every version of the model, newest first, with its aliases and refine-af tags."""
-    aliases = require_model(client, model_name)
-    by_version: dict[str, list[str]] = {}
-    for alias, version in sorted(aliases.items()):
-        by_version.setdefault(version, []).append(alias)
-    versions = client.search_model_versions(f"name = '{model_name}'")
-    return [
-        VersionSummary(
-            version=str(v.version),
-            aliases=by_version.get(str(v.version), []),
-            created=datetime.fromtimestamp(v.creation_timestamp / 1000, UTC),
-            source=v.source,
-            tags={k: val for k, val in v.tags.items() if k.startswith("refine_af.")},
-        )
-        for v in sorted(versions, key=lambda v: int(v.version), reverse=True)
-    ]
