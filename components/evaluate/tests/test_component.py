@@ -4,11 +4,14 @@ import json
 import shutil
 from pathlib import Path
 
+import mlflow
 import pytest
 from kfp import dsl
 
 from components.evaluate.component import evaluate
+from refine_af import tracking
 from refine_af.config import load_config
+from refine_af.stages import register
 
 TASKS = ("task_a", "task_b")
 
@@ -18,6 +21,16 @@ def model_artifact(tmp_path: Path, name: str, adapter: Path) -> dsl.Model:
     model = dsl.Model(name=name, uri=str(tmp_path / name))
     shutil.copytree(adapter, Path(model.path) / "adapter")
     return model
+
+
+def register_version(workspace: Path, name: str, adapter: Path) -> str:
+    """A registered version as stage 4 leaves one (its files are not read here)."""
+    client = tracking.connect(workspace)
+    with tracking.stage_run("finetune", workspace) as run:
+        mlflow.log_artifacts(str(adapter), "model", run_id=run.run_id)
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    return str(client.create_model_version(name, f"runs:/{run.run_id}/model", run.run_id).version)
 
 
 @pytest.fixture
@@ -46,7 +59,7 @@ def test_a_config_that_does_not_match_its_hash_stops_with_exit_2(outputs, tmp_pa
 
 
 @pytest.mark.slow
-def test_scores_candidate_and_baseline_and_returns_pct_improved(
+def test_scores_candidate_and_baseline_tags_the_versions_and_returns_pct_improved(
     outputs, tmp_path, tiny_causal_lm_dir, tiny_lora_adapter_dir
 ):
     results, report, metrics = outputs
@@ -73,10 +86,13 @@ def test_scores_candidate_and_baseline_and_returns_pct_improved(
     # the same adapter on both sides: greedy decoding scores them alike, every task a tie
     candidate = model_artifact(tmp_path, "candidate", tiny_lora_adapter_dir)
     baseline = model_artifact(tmp_path, "baseline", tiny_lora_adapter_dir)
+    workspace, model_name = tmp_path / "ws", config.stage6.model_name
+    baseline_version = register_version(workspace, model_name, tiny_lora_adapter_dir)
+    version = register_version(workspace, model_name, tiny_lora_adapter_dir)
     pct_improved = evaluate.python_func(
         config=config.to_yaml(), config_hash=config.config_hash(), parent_run_id="",
-        candidate=candidate, version="", results=results, report=report, metrics=metrics,
-        baseline=baseline,
+        candidate=candidate, version=version, results=results, report=report, metrics=metrics,
+        baseline=baseline, baseline_version=baseline_version,
     )  # fmt: skip
     folder = Path(results.path)
     compared = json.loads((folder / "comparison.json").read_text())
@@ -93,3 +109,9 @@ def test_scores_candidate_and_baseline_and_returns_pct_improved(
     assert (figures["pct_tasks_improved"], figures["mean_delta"]) == (0.0, 0.0)
     assert results.metadata["config_hash"] == config.config_hash()
     assert results.metadata["ties"] == 2 and results.metadata["pct_improved"] == 0.0
+    client = tracking.connect(workspace)
+    challenger = client.get_model_version_by_alias(model_name, register.CHALLENGER)
+    assert str(challenger.version) == version
+    assert challenger.tags[register.BASELINE_VERSION_TAG] == baseline_version
+    marked_baseline = client.get_model_version_by_alias(model_name, register.BASELINE)
+    assert str(marked_baseline.version) == baseline_version
