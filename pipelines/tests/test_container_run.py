@@ -3,7 +3,6 @@ tiny-settings pipeline under kfp.local.DockerRunner with MLflow and the S3 stand
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -36,59 +35,20 @@ def images():
     print(f"images built in {time.monotonic() - started:.0f} s")
 
 
-def _step_containers(function: str) -> list[str]:
-    """Running containers of the component ``function`` (kfp's --function_to_execute)."""
-    ids = subprocess.run(["docker", "ps", "-q"], capture_output=True, text=True).stdout.split()
-    found = []
-    for container in ids:
-        args = subprocess.run(["docker", "inspect", "-f", "{{json .Args}}", container],
-                              capture_output=True, text=True).stdout  # fmt: skip
-        if f'"--function_to_execute","{function}"' in args.replace(" ", ""):
-            found.append(container)
-    return found
-
-
-def _kill_step_when_running(proc: subprocess.Popen, function: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        running = _step_containers(function)
-        if running:
-            time.sleep(5)  # mid-step, past the container's start
-            subprocess.run(["docker", "kill", running[0]], capture_output=True, check=True)
-            return running[0]
-        time.sleep(2)
-    raise AssertionError(f"no {function} step container ran within {timeout:.0f} s")
-
-
 @pytest.mark.container
 @pytest.mark.slow
 def test_pipeline_runs_in_containers(tmp_path, images):
-    """Killed mid-run (docker kill of an SFT step's container), the run exits 1 saying how
-    to resume; the same command again reuses every finished step (kfp.local's cache) and
-    completes with everything a clean run has."""
     workspace = tmp_path / "workspace"
     command = [sys.executable, "-m", "pipelines.run_local", "--runner", "docker",
                "--mlflow-port", "0", "--workspace", str(workspace), "--shards", "2"]  # fmt: skip
     for override in TINY:
         command += ["--set", override]
     started = time.monotonic()
-    killed = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, cwd=REPO)  # fmt: skip
-    _kill_step_when_running(killed, "sft", timeout=2400)
-    first, _ = killed.communicate(timeout=600)
-    print(f"killed run: {time.monotonic() - started:.0f} s")
-    assert killed.returncode == 1, first[-3000:]
-    assert "rerun the same command to resume" in first
-
-    started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=2400)
-    print(f"pipeline in containers, resumed: {time.monotonic() - started:.0f} s")
+    print(f"pipeline in containers: {time.monotonic() - started:.0f} s")
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     out = result.stdout
     assert "S3 objects written" in out and "MLflow UI during the run: http://127.0.0.1:" in out
-    reused = set(re.findall(r"Task '?([\w-]+)'? cache hit", result.stdout + result.stderr))
-    assert {"plan", "instructions", "rlaf"} <= reused, reused
-    assert any(name.startswith("merge") for name in reused), reused
 
     kfp = _only(workspace / "kfp", "refine-af-*")
     summary = json.loads((_only(kfp, "instructions/pool") / "summary.json").read_text())
