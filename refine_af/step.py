@@ -1,5 +1,6 @@
 """What a pipeline step's process takes from the library: the run configuration its first
-step resolved, checked against that step's hash, and where the step's workspace is.
+step resolved, checked against that step's hash, where the step's workspace is, and how
+it records its metrics.
 
 The components and the containers call these; the CLI has its own defaults (a
 ``workspace`` folder in the current directory).
@@ -7,9 +8,12 @@ The components and the containers call these; the CLI has its own defaults (a
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from refine_af.config import RunConfig, load_resolved
 from refine_af.errors import InputError
@@ -31,3 +35,16 @@ def config(text: str, config_hash: str) -> RunConfig:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def record_metrics(metrics: Any, values: Mapping[str, float]) -> None:
+    """Log ``values`` on a step's Metrics output and write everything it holds to its file.
+
+    kfp.local's cache takes an output artifact with no file for a missing one, so a step
+    whose Metrics output held only metadata was never reused by a rerun.
+    """
+    for name, value in values.items():
+        metrics.log_metric(name, value)
+    path = Path(metrics.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics.metadata, sort_keys=True) + "\n", encoding="utf-8")

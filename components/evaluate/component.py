@@ -43,8 +43,7 @@ def evaluate(
     )
     shutil.copyfile(Path(results.path) / "report.md", report.path)
     figures = {f"{name}_rougeL": result.rougeL for name, result in outcome.results.items()}
-    for name, value in figures.items():
-        metrics.log_metric(name, value)
+    step.record_metrics(metrics, figures)
     if parent_run_id:
         tracking.log_to_run(workspace, parent_run_id, figures)
     if version:
@@ -59,8 +58,13 @@ def evaluate(
     results.metadata["config_hash"] = config_hash
     if outcome.comparison is None:
         return -1.0
-    metrics.log_metric("pct_tasks_improved", outcome.comparison.pct_improved)
-    metrics.log_metric("mean_delta", outcome.comparison.mean_delta)
+    step.record_metrics(
+        metrics,
+        {
+            "pct_tasks_improved": outcome.comparison.pct_improved,
+            "mean_delta": outcome.comparison.mean_delta,
+        },
+    )
     figures = ("pct_improved", "ties", "candidate_rougeL", "baseline_rougeL", "mean_delta")
     results.metadata.update({k: getattr(outcome.comparison, k) for k in figures})
     return outcome.comparison.pct_improved

@@ -31,8 +31,8 @@ def instructions(
         step.config(config, config_hash), Path(pool.path), workspace=step.workspace()
     )
     summary = result.summary
-    for name in ("candidates", "accepted", "rounds", "classification"):
-        metrics.log_metric(name, summary[name])
+    names = ("candidates", "accepted", "rounds", "classification")
+    step.record_metrics(metrics, {name: summary[name] for name in names})
     # The instance shards read the configuration here: see components/instances/README.md.
     pool.metadata.update(
         {"config": config, "config_hash": config_hash, "accepted": summary["accepted"]}

@@ -27,9 +27,8 @@ def merge(
         workspace=step.workspace(),
     )
     summary = result.summary
-    for name in ("instructions", "generations", "kept"):
-        metrics.log_metric(name, summary[name])
     mean_reward = summary["mean_reward"] if summary["mean_reward"] is not None else float("nan")
-    metrics.log_metric("mean_reward", mean_reward)
+    counts = {name: summary[name] for name in ("instructions", "generations", "kept")}
+    step.record_metrics(metrics, {**counts, "mean_reward": mean_reward})
     dataset.metadata.update({"policy": summary["policy"], "kept": summary["kept"]})
     return mean_reward

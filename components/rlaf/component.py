@@ -33,7 +33,6 @@ def rlaf(
         *launch.stage_args(config, config_hash, step.workspace()),
     ]
     summary = launch.run_stage(processes, "rlaf", stage_args, out_dir)
-    for name in ("steps", "reward_first5", "reward_last5"):
-        if summary.get(name) is not None:
-            metrics.log_metric(name, summary[name])
+    names = ("steps", "reward_first5", "reward_last5")
+    step.record_metrics(metrics, {n: summary[n] for n in names if summary.get(n) is not None})
     policy.metadata.update({"base_model": run_config.model.base, "adapter": "adapter"})

@@ -31,8 +31,7 @@ def sft(
         *launch.stage_args(config, config_hash, step.workspace(), parent_run_id),
     ]
     summary = launch.run_stage(processes, "sft", stage_args, out_dir)
-    for name in ("train_examples", "eval_examples", "eval_loss"):
-        if summary.get(name) is not None:
-            metrics.log_metric(name, summary[name])
+    names = ("train_examples", "eval_examples", "eval_loss")
+    step.record_metrics(metrics, {n: summary[n] for n in names if summary.get(n) is not None})
     model.metadata.update({"base_model": run_config.model.base})
     return summary["registered_version"] or ""

@@ -50,6 +50,8 @@ def test_writes_the_dataset_and_returns_the_mean_reward(shards, tmp_path):
     assert metrics.metadata["mean_reward"] == pytest.approx(mean_reward)
     assert metrics.metadata["kept"] == kept
     assert metrics.metadata["generations"] == summary["generations"] == 5 * 4
+    # a file at the Metrics output's path: kfp.local's cache skips steps with one missing
+    assert json.loads(Path(metrics.path).read_text()) == pytest.approx(metrics.metadata)
     assert dataset.metadata == {"policy": "base", "kept": kept}
 
 
