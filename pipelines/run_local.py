@@ -7,8 +7,7 @@ wall time.
 
 ``--runner docker`` (``make run-containers``) runs every component in the runtime-cpu
 image under ``kfp.local.DockerRunner``, with MLflow and an S3 stand-in in containers
-(pipelines/containers.py). A rerun after a failure completes the run; it starts over,
-as kfp.local's cache misses steps whose Metrics output has no file.
+(pipelines/containers.py); finished steps are cached, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -251,8 +250,8 @@ def main() -> None:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
         except RuntimeError as error:  # a step failed or its container was killed
-            print(f"error: {error}\nrerun the same command to complete the run",
-                  file=sys.stderr)  # fmt: skip
+            print(f"error: {error}\nrerun the same command to resume: finished steps are "
+                  "cached under the workspace", file=sys.stderr)  # fmt: skip
             sys.exit(1)
         print(clock.table(time.monotonic() - started))
         return
