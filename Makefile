@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 # test modules may load torch before refine_af
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup tools run compile test test-fast lint format bench images lock run-containers kind-load kind-up kind-e2e kind-down clean
+.PHONY: setup tools run compile test test-fast lint format bench experiment images lock run-containers kind-load kind-up kind-e2e kind-down clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -50,6 +50,10 @@ bench: setup
 	$(PY) benchmarks/rouge_filter.py
 	$(PY) benchmarks/generation.py
 	$(PY) benchmarks/rlaf_cpu.py
+
+# the paper's comparison at CPU scale (~90 min on 2 cores; a rerun continues): docs/results.md
+experiment: setup
+	$(PY) benchmarks/paper_claim.py --work experiment
 
 compile: setup
 	$(PY) -m pipelines.compile

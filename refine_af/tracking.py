@@ -297,7 +297,7 @@ def stage_run(
         client = mlflow.MlflowClient(tracking_uri=uri)
         _require_reachable(client, uri)
         experiment_id = _experiment_id(client, name, _artifact_root(uri, workspace, name))
-    parent_run_id = parent_run_id or _pipeline_parent(client) or None
+    parent_run_id = parent_run_id or pipeline_parent(client) or None
     if folder is not None:
         _end_abandoned_runs(client, experiment_id, stage_name, folder)
     with _using_tracking_uri(uri):
@@ -341,7 +341,7 @@ def _end_run(handle: StageRun, status: str) -> None:
             handle.lost = handle.lost or error
 
 
-def _pipeline_parent(client: mlflow.MlflowClient) -> str | None:
+def pipeline_parent(client: mlflow.MlflowClient) -> str | None:
     """The parent run ``open_pipeline_run`` tagged with this pipeline run's name, if any."""
     name = os.environ.get(PIPELINE_RUN_ENV)
     if not name:

@@ -1,0 +1,243 @@
+"""Does RLAF help? The paper's comparison on the bundled model, end to end (`make experiment`).
+
+REFINE-AF's claim: a model fine-tuned on instances written by the RL-trained policy beats
+one fine-tuned on instances written by the base policy on 63–66% of SuperNI tasks. This
+runs the whole method at a size that fits about 90 minutes on 2 CPU cores
+(``benchmarks/paper_claim.yaml``), each stage through the ``refine-af`` command line:
+
+1. stage 1 bootstraps the instructions;
+2. stage 2 trains the policy, keeping a checkpoint every ``stage2.save_steps``;
+3. every checkpoint (and the base policy) writes instances for held-out instructions (the
+   bundled seed tasks, never an RL prompt) and the composite reward scores them; the
+   checkpoint with the best held-out reward is the RL policy (the development signal);
+4. stage 3 writes instances for every instruction with each policy;
+5. stage 4 fine-tunes one adapter per arm, with identical settings and seeds;
+6. stage 5 scores both on every bundled SuperNI task and compares them per task.
+
+Every step is skipped when its output exists and the stages continue their own journals
+and checkpoints, so a rerun continues. All runs nest under one MLflow parent run in
+``<work>/mlflow.db``. Writes ``docs/results.md`` and its figures (``--results``) and prints
+one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rlaf_cpu import heldout_reward, split_instructions
+
+from refine_af import records, tracking
+from refine_af.config import RunConfig, load_config
+from refine_af.feedback import CompositeReward, build_scorers
+from refine_af.records import InstructionRecord
+
+HERE = Path(__file__).resolve().parent
+CLI = str(Path(sys.executable).with_name("refine-af"))
+HELDOUT_FILE = "heldout.jsonl"
+SECONDS_FILE = "seconds.json"  # each step's wall time, across reruns
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def log(message: str) -> None:
+    print(f"[paper_claim {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Experiment:
+    """The work folder of one experiment: each step's output, and the command that makes it."""
+
+    def __init__(self, work: Path, config_path: Path, overrides: list[str]):
+        self.work = work
+        self.config_path = config_path
+        self.overrides = overrides
+        self.config: RunConfig = load_config(str(config_path), overrides)
+        self.seconds_file = work / SECONDS_FILE
+        self.seconds: dict[str, float] = (
+            json.loads(self.seconds_file.read_text()) if self.seconds_file.is_file() else {}
+        )
+
+    def took(self, name: str, started: float) -> None:
+        """Record a step's wall time; earlier invocations' steps stay in the file."""
+        self.seconds[name] = round(time.monotonic() - started, 1)
+        self.seconds_file.write_text(json.dumps(self.seconds, indent=2) + "\n")
+        log(f"{name}: {self.seconds[name]} s")
+
+    def refine_af(self, name: str, done: Path, *args: str) -> None:
+        """Run one ``refine-af`` command unless ``done`` exists; its progress goes to stderr."""
+        if done.exists():
+            log(f"{name}: done earlier ({done.relative_to(self.work)})")
+            return
+        sets = [a for o in self.overrides for a in ("--set", o)]
+        command = [CLI, "stage", *args, "--config", str(self.config_path), *sets,
+                   "--workspace", str(self.work)]  # fmt: skip
+        log(f"{name}: {' '.join(command[1:])}")
+        started = time.monotonic()
+        if subprocess.run(command).returncode != 0:
+            sys.exit(f"paper_claim: {name} failed; rerun the same command to continue")
+        self.took(name, started)
+
+    @property
+    def instructions(self) -> Path:
+        return self.work / "stage1" / "instructions.jsonl"
+
+    def rl_prompts(self, heldout_ids: set[str]) -> Path:
+        """Stage 1's instructions (seeds included, as the pipeline trains on them) minus
+        the held-out ones, so that the development signal is measured on unseen prompts."""
+        path = self.work / "rl_instructions.jsonl"
+        if not path.is_file():
+            kept = [r for r in records.read_records(self.instructions, InstructionRecord)
+                    if r.id not in heldout_ids]  # fmt: skip
+            records.write_jsonl(path, kept)
+        return path
+
+    def heldout_curve(self, heldout: list[InstructionRecord]) -> list[dict]:
+        """Held-out reward of the base policy and of every checkpoint, appended to a file
+        line by line so a rerun scores only what is missing."""
+        path = self.work / HELDOUT_FILE
+        done = {row["step"]: row for row in _read_jsonl(path)}
+        checkpoints = sorted(
+            (int(p.name.removeprefix("checkpoint-")), p)
+            for p in (self.work / "stage2" / "checkpoints").glob("checkpoint-*")
+            if (p / ADAPTER_FILES[0]).is_file()
+        )
+        policies = [(step, str(self.policy_at(step, p))) for step, p in checkpoints]
+        wanted = [(0, self.config.model.base), *policies]
+        missing = [(s, ref) for s, ref in wanted if s not in done]
+        if missing:
+            started = time.monotonic()
+            names = [c.scorer for c in self.config.stage2.reward.components]
+            reward = CompositeReward.from_settings(
+                self.config.stage2.reward, build_scorers(self.config.stage2.scorers, names)
+            )
+            for step, reference in missing:
+                mean, floored = heldout_reward(self.config, reference, heldout, reward)
+                done[step] = {"step": step, "reward": round(mean, 4), "floored": floored,
+                              "completions": len(heldout)}  # fmt: skip
+                log(f"held-out reward at step {step}: {mean:.4f} ({floored} floored)")
+                with path.open("a") as out:
+                    out.write(json.dumps(done[step]) + "\n")
+            self.took("held-out reward", started)
+        return [done[s] for s, _ in wanted]
+
+    def policy_at(self, step: int, checkpoint: Path) -> Path:
+        """A checkpoint's adapter as a loadable folder, its config naming the base by its
+        reference (trl records this machine's cache path)."""
+        folder = self.work / "policies" / f"step-{step}"
+        if not (folder / ADAPTER_FILES[1]).is_file():
+            staging = folder.with_name(folder.name + ".staging")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(self.work / "stage2" / "adapter", staging)  # the tokenizer files
+            for name in ADAPTER_FILES:
+                shutil.copy2(checkpoint / name, staging / name)
+            settings = json.loads((staging / ADAPTER_FILES[1]).read_text())
+            settings["base_model_name_or_path"] = self.config.model.base
+            (staging / ADAPTER_FILES[1]).write_text(json.dumps(settings, indent=2) + "\n")
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.rename(folder)
+        return folder
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def parent_run(work: Path) -> str:
+    """The MLflow parent run of this work folder: found by its tag, or opened once."""
+    os.environ[tracking.PIPELINE_RUN_ENV] = f"paper-claim:{work.resolve()}"
+    client = tracking.connect(work)
+    found = tracking.pipeline_parent(client)
+    return found or tracking.open_pipeline_run(
+        work, {"experiment": "paper_claim"}, {"refine_af.experiment": "paper_claim"}
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=HERE / "paper_claim.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="a.b=c")
+    parser.add_argument("--work", type=Path, default=Path("experiment"),
+                        help="work folder; a rerun with the same one continues")  # fmt: skip
+    parser.add_argument("--heldout", type=int, default=40,
+                        help="seed instructions held out for the development signal")  # fmt: skip
+    parser.add_argument("--results", type=Path, default=HERE.parent / "docs" / "results.md",
+                        help="the results page to write (its figures go beside it)")  # fmt: skip
+    args = parser.parse_args()
+
+    import results_page  # matplotlib and the page, after the arguments are known good
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    exp = Experiment(work, args.config.resolve(), args.overrides)
+    run_id = parent_run(work)
+    log(f"work folder {work}; MLflow parent run {run_id} in {tracking.tracking_uri(work)}")
+
+    exp.refine_af("stage 1", exp.instructions, "instructions", "--out", str(work / "stage1"))
+    _, heldout = split_instructions(args.heldout, exp.config.stage2.seed)
+    rl_prompts = exp.rl_prompts({r.id for r in heldout})
+    exp.refine_af("stage 2", work / "stage2" / "summary.json", "rlaf",
+                  "--instructions", str(rl_prompts), "--out", str(work / "stage2"))  # fmt: skip
+    curve = exp.heldout_curve(heldout * 2)  # two samples of each held-out instruction
+    best = max(curve, key=lambda row: (row["reward"], -row["step"]))
+    if best["step"] == 0:
+        log("no checkpoint beats the base policy on held-out reward; using the last one")
+        best = curve[-1]
+    policy = str(work / "policies" / f"step-{best['step']}")
+    log(f"RL policy: the checkpoint of step {best['step']} (held-out reward {best['reward']})")
+
+    for arm, adapter in (("rl", ["--adapter", policy]), ("base", [])):
+        out = work / f"stage3-{arm}"
+        exp.refine_af(f"stage 3 {arm}", out / "summary.json", "instances",
+                      "--instructions", str(exp.instructions), *adapter,
+                      "--out", str(out))  # fmt: skip
+    for arm in ("rl", "base"):
+        out, examples = work / f"stage4-{arm}", work / f"stage3-{arm}" / "examples.jsonl"
+        exp.refine_af(f"stage 4 {arm}", out / "summary.json", "sft",
+                      "--examples", str(examples), "--out", str(out))  # fmt: skip
+    base_eval = work / "stage5-base" / "candidate" / "evaluation.json"
+    exp.refine_af("stage 5 base", base_eval, "evaluate",
+                  "--model", str(work / "stage4-base" / "adapter"),
+                  "--out", str(work / "stage5-base"))  # fmt: skip
+    exp.refine_af("stage 5 rl", work / "stage5" / "comparison.json", "evaluate",
+                  "--model", str(work / "stage4-rl" / "adapter"), "--baseline", str(base_eval),
+                  "--out", str(work / "stage5"))  # fmt: skip
+
+    outcome = results_page.collect(work, curve, best["step"], exp.seconds)
+    peak = max(resource.getrusage(who).ru_maxrss for who in
+               (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024**2  # fmt: skip
+    line = {
+        "bench": "paper_claim",
+        "instructions": outcome.instructions,
+        "rl_steps": outcome.rl_steps,
+        "tasks": outcome.comparison["tasks"],
+        "pct_tasks_improved": outcome.comparison["pct_improved"],
+        "ci_low": outcome.comparison["ci_low"],
+        "ci_high": outcome.comparison["ci_high"],
+        "rougeL_rl": outcome.comparison["candidate_rougeL"],
+        "rougeL_base": outcome.comparison["baseline_rougeL"],
+        "heldout_reward_base": curve[0]["reward"],
+        "heldout_reward_rl": best["reward"],
+        "seconds": round(sum(exp.seconds.values()), 1),
+        "peak_rss_gb": round(peak, 2),
+    }
+    results_page.write(args.results, outcome, line, sys.argv[1:])
+    figures = {k: v for k, v in line.items() if isinstance(v, (int, float))}
+    tracking.log_to_run(work, run_id, figures)
+    client = tracking.connect(work)
+    for row in curve:
+        client.log_metric(run_id, "heldout_reward", row["reward"], step=row["step"])
+    client.log_artifact(run_id, str(args.results))
+    log(f"results page: {args.results}")
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
