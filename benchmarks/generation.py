@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--cb-flags", default="",
+                        help="extra `transformers serve` flags for the continuous-batching "
+                        "server, e.g. '--cb-num-blocks 64 --cb-max-batch-tokens 512'")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,7 +110,8 @@ def main() -> None:
     del model, batched, single  # the servers get the cores and the memory to themselves
     model_dir = models.resolve(MODEL)
     endpoint_rates = {}
-    for name, flags in (("endpoint", ()), ("endpoint_cb", ("--continuous-batching",))):
+    cb_flags = ("--continuous-batching", *args.cb_flags.split())
+    for name, flags in (("endpoint", ()), ("endpoint_cb", cb_flags)):
         with served(model_dir, *flags) as url:
             settings = EndpointSettings(base_url=url, server="transformers", max_concurrency=size)
             endpoint = OpenAIBackend.from_settings(settings, model_dir)
@@ -126,6 +130,7 @@ def main() -> None:
         "prompts": len(batch),
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
+        "cb_flags": args.cb_flags,
         "threads": torch.get_num_threads(),
         "load_1min": round(os.getloadavg()[0], 2),
     }

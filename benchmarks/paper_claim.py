@@ -11,7 +11,8 @@ runs the whole method at a size that fits about 90 minutes on 2 CPU cores
    bundled seed tasks, never an RL prompt) and the composite reward scores them; the
    checkpoint with the best held-out reward is the RL policy (the development signal);
 4. stage 3 writes instances for every instruction with each policy;
-5. stage 4 fine-tunes one adapter per arm, with identical settings and seeds;
+5. stage 4 fine-tunes one adapter per arm, with identical settings and seeds (the learning
+   rate: the one of ``--sft-learning-rates`` with the lowest held-out loss on the base arm);
 6. stage 5 scores both on every bundled SuperNI task and compares them per task.
 
 Every step is skipped when its output exists and the stages continue their own journals
@@ -168,6 +169,9 @@ def main() -> None:
                         help="work folder; a rerun with the same one continues")  # fmt: skip
     parser.add_argument("--heldout", type=int, default=40,
                         help="seed instructions held out for the development signal")  # fmt: skip
+    parser.add_argument("--sft-learning-rates", type=float, nargs="+", default=[2e-4, 1e-3],
+                        help="stage 4 learning rates tried on the base arm; the one with the "
+                        "lowest held-out loss trains both arms")  # fmt: skip
     parser.add_argument("--results", type=Path, default=HERE.parent / "docs" / "results.md",
                         help="the results page to write (its figures go beside it)")  # fmt: skip
     args = parser.parse_args()
@@ -198,19 +202,32 @@ def main() -> None:
         exp.refine_af(f"stage 3 {arm}", out / "summary.json", "instances",
                       "--instructions", str(exp.instructions), *adapter,
                       "--out", str(out))  # fmt: skip
-    for arm in ("rl", "base"):
-        out, examples = work / f"stage4-{arm}", work / f"stage3-{arm}" / "examples.jsonl"
-        exp.refine_af(f"stage 4 {arm}", out / "summary.json", "sft",
-                      "--examples", str(examples), "--out", str(out))  # fmt: skip
+
+    def sft(arm: str, learning_rate: float) -> Path:
+        out = work / f"stage4-{arm}-lr{learning_rate:g}"
+        exp.refine_af(f"stage 4 {arm} lr {learning_rate:g}", out / "summary.json", "sft",
+                      "--examples", str(work / f"stage3-{arm}" / "examples.jsonl"),
+                      "--out", str(out),
+                      "--set", f"stage4.learning_rate={learning_rate}")  # fmt: skip
+        return out
+
+    # the base arm's held-out loss picks the learning rate both arms then train with
+    sweep = {lr: sft("base", lr) for lr in args.sft_learning_rates}
+    losses = {
+        lr: json.loads((out / "summary.json").read_text())["eval_loss"] for lr, out in sweep.items()
+    }
+    chosen = min(losses, key=losses.__getitem__)
+    log(f"SFT learning rate {chosen:g}: base arm held-out loss {losses}")
+    stage4 = {"base": sweep[chosen], "rl": sft("rl", chosen)}
     base_eval = work / "stage5-base" / "candidate" / "evaluation.json"
     exp.refine_af("stage 5 base", base_eval, "evaluate",
-                  "--model", str(work / "stage4-base" / "adapter"),
+                  "--model", str(stage4["base"] / "adapter"),
                   "--out", str(work / "stage5-base"))  # fmt: skip
     exp.refine_af("stage 5 rl", work / "stage5" / "comparison.json", "evaluate",
-                  "--model", str(work / "stage4-rl" / "adapter"), "--baseline", str(base_eval),
+                  "--model", str(stage4["rl"] / "adapter"), "--baseline", str(base_eval),
                   "--out", str(work / "stage5"))  # fmt: skip
 
-    outcome = results_page.collect(work, curve, best["step"], exp.seconds)
+    outcome = results_page.collect(work, curve, best["step"], exp.seconds, stage4, losses)
     peak = max(resource.getrusage(who).ru_maxrss for who in
                (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024**2  # fmt: skip
     line = {

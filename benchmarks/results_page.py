@@ -34,6 +34,7 @@ class Outcome:
     history: list[dict]  # stage 2's per-step log
     stage3: dict[str, dict]  # arm → summary
     stage4: dict[str, dict]
+    sft_sweep: dict[float, float]  # learning rate → the base arm's held-out loss
     examples: list[tuple[str, dict, dict]]  # (instruction, base instance, RL instance)
     seconds: dict[str, float]
 
@@ -77,7 +78,14 @@ def with_categories(comparison: dict, categories: dict[str, str]) -> dict:
     return {**comparison, "per_task": rows, "categories": means}
 
 
-def collect(work: Path, curve: list[dict], policy_step: int, seconds: dict) -> Outcome:
+def collect(
+    work: Path,
+    curve: list[dict],
+    policy_step: int,
+    seconds: dict,
+    stage4: dict[str, Path],
+    sft_sweep: dict[float, float],
+) -> Outcome:
     stage2 = _json(work / "stage2" / "summary.json")
     return Outcome(
         instructions=sum(r["source"] == "machine" for r in _jsonl(work / "stage1" / STAGE1_FILE)),
@@ -87,7 +95,8 @@ def collect(work: Path, curve: list[dict], policy_step: int, seconds: dict) -> O
         policy_step=policy_step,
         history=_jsonl(work / "stage2" / "metrics.jsonl"),
         stage3={arm: _json(work / f"stage3-{arm}" / "summary.json") for arm in ("base", "rl")},
-        stage4={arm: _json(work / f"stage4-{arm}" / "summary.json") for arm in ("base", "rl")},
+        stage4={arm: _json(folder / "summary.json") for arm, folder in stage4.items()},
+        sft_sweep=sft_sweep,
         examples=side_by_side(work),
         seconds=dict(seconds),
     )
@@ -209,6 +218,12 @@ def generated_block(outcome: Outcome, line: dict, argv: list[str], figures: str)
         lines.append(f"| {name} | {counts.get(name, 0)} | {cat['candidate']:.2f} "
                      f"| {cat['baseline']:.2f} | {cat['delta']:+.2f} |")  # fmt: skip
     lines += [
+        "",
+        "### SFT learning rate, chosen on the base arm's held-out loss",
+        "",
+        "| learning rate | held-out loss (base arm) |",
+        "|---|---|",
+        *(f"| {lr:g} | {loss} |" for lr, loss in outcome.sft_sweep.items()),
         "",
         "### RL reward, training and held-out",
         "",

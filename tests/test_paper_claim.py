@@ -66,8 +66,8 @@ def work(tmp_path: Path) -> Path:
         (tmp_path / f"stage3-{arm}" / "summary.json").write_text(
             json.dumps({"instructions": 3, "kept": 3, "mean_reward": 1.5})
         )
-        (tmp_path / f"stage4-{arm}").mkdir()
-        (tmp_path / f"stage4-{arm}" / "summary.json").write_text(
+        (tmp_path / f"stage4-{arm}-lr0.001").mkdir()
+        (tmp_path / f"stage4-{arm}-lr0.001" / "summary.json").write_text(
             json.dumps({"eval_loss_before": 2.0, "eval_loss": 1.5})
         )
     (tmp_path / "stage5").mkdir()
@@ -112,7 +112,8 @@ def test_examples_side_by_side_come_from_instructions_both_policies_wrote_for(wo
 def test_a_rerun_rewrites_only_the_generated_block(work: Path, tmp_path: Path) -> None:
     curve = [{"step": 0, "reward": 0.2, "floored": 1, "completions": 8},
              {"step": 10, "reward": 0.4, "floored": 0, "completions": 8}]  # fmt: skip
-    outcome = results_page.collect(work, curve, 10, {"stage 1": 12.5})
+    stage4 = {arm: work / f"stage4-{arm}-lr0.001" for arm in ("base", "rl")}
+    outcome = results_page.collect(work, curve, 10, {"stage 1": 12.5}, stage4, {0.001: 1.5})
     assert outcome.instructions == 3  # machine instructions, not the seeds stage 1 also lists
     page = tmp_path / "docs" / "results.md"
     page.parent.mkdir()
@@ -125,6 +126,7 @@ def test_a_rerun_rewrites_only_the_generated_block(work: Path, tmp_path: Path) -
     assert "old" not in text and json.dumps(line) in text
     assert "| Textual Entailment | 1 | 12.00 | 10.00 | +2.00 |" in text
     assert "does not meet the paper's result" in text  # 50% improved is below 63%
+    assert "| 0.001 | 1.5 |" in text
     assert (page.parent / "results" / "deltas_by_category.png").stat().st_size > 0
     assert (page.parent / "results" / "reward_curve.png").stat().st_size > 0
 
