@@ -74,6 +74,9 @@ class Experiment:
         """Run one ``refine-af`` command unless ``done`` exists; its progress goes to stderr."""
         if done.exists():
             log(f"{name}: done earlier ({done.relative_to(self.work)})")
+            summary = done.parent / "summary.json"
+            if name not in self.seconds and summary.is_file():  # its driver was stopped
+                self.seconds[name] = json.loads(summary.read_text())["seconds"]
             return
         sets = [a for o in self.overrides for a in ("--set", o)]
         command = [CLI, "stage", *args, "--config", str(self.config_path), *sets,

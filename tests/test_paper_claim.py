@@ -142,7 +142,10 @@ def test_a_step_whose_output_exists_is_not_run_again(work: Path, monkeypatch) ->
     exp = paper_claim.Experiment(work, paper_claim.HERE / "paper_claim.yaml", [])
     monkeypatch.setattr(paper_claim.subprocess, "run", lambda *a, **k: pytest.fail("ran"))
     exp.refine_af("stage 1", exp.instructions, "instructions", "--out", str(work / "stage1"))
-    assert "stage 1" not in exp.seconds
+    assert "stage 1" not in exp.seconds  # no summary: nothing to count
+    (work / "stage1" / "summary.json").write_text(json.dumps({"seconds": 81.5}))
+    exp.refine_af("stage 1", exp.instructions, "instructions", "--out", str(work / "stage1"))
+    assert exp.seconds["stage 1"] == 81.5  # a stopped driver's step counts its own time
 
 
 def test_a_checkpoint_becomes_an_adapter_naming_its_base_by_reference(work: Path) -> None:
