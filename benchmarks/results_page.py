@@ -150,7 +150,10 @@ def _instance(row: dict) -> str:
     return text.replace("\n", "<br>").replace("|", "\\|")
 
 
-def flattening_step(curve: list[dict], tolerance: float = 0.01) -> int | None:
+FLAT = 0.05  # held-out reward (range −1 to 4) this close counts as no rise
+
+
+def flattening_step(curve: list[dict], tolerance: float = FLAT) -> int | None:
     """The first checkpoint after which held-out reward never rises by more than
     ``tolerance`` above it: where the curve flattens."""
     for i, row in enumerate(curve):
@@ -194,7 +197,7 @@ def generated_block(outcome: Outcome, line: dict, argv: list[str], figures: str)
         f"| {c['worse']} | {c['mean_delta']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] |",
         "",
         f"{outcome.instructions} instructions, {outcome.rl_steps} RL steps; the held-out "
-        f"reward flattens from step {flat} (no later checkpoint more than 0.01 above it)."
+        f"reward flattens from step {flat} (no later checkpoint more than {FLAT} above it)."
         if flat is not None
         else "",
         "",

@@ -77,7 +77,7 @@ def work(tmp_path: Path) -> Path:
 
 
 def test_the_curve_flattens_at_the_first_point_no_later_one_beats() -> None:
-    curve = [{"step": s, "reward": r} for s, r in [(0, 0.1), (10, 0.5), (20, 0.8), (30, 0.805)]]
+    curve = [{"step": s, "reward": r} for s, r in [(0, 0.1), (10, 0.5), (20, 0.8), (30, 0.84)]]
     assert results_page.flattening_step(curve) == 20
     rising = [{"step": s, "reward": r} for s, r in [(0, 0.1), (10, 0.5), (20, 0.9)]]
     assert results_page.flattening_step(rising) == 20  # the last point: nothing after it
