@@ -35,7 +35,7 @@ from pathlib import Path
 
 from rlaf_cpu import heldout_reward, split_instructions
 
-from refine_af import records, tracking
+from refine_af import records, storage, tracking
 from refine_af.config import RunConfig, load_config
 from refine_af.feedback import CompositeReward, build_scorers
 from refine_af.records import InstructionRecord
@@ -44,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 CLI = str(Path(sys.executable).with_name("refine-af"))
 HELDOUT_FILE = "heldout.jsonl"
 SECONDS_FILE = "seconds.json"  # each step's wall time, across reruns
+PEAK_FILE = "peak_rss_gb.json"  # the largest resident set of any invocation's processes
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
@@ -59,16 +60,23 @@ class Experiment:
         self.config_path = config_path
         self.overrides = overrides
         self.config: RunConfig = load_config(str(config_path), overrides)
-        self.seconds_file = work / SECONDS_FILE
-        self.seconds: dict[str, float] = (
-            json.loads(self.seconds_file.read_text()) if self.seconds_file.is_file() else {}
-        )
+        self.seconds: dict[str, float] = _read_json(work / SECONDS_FILE, {})
 
     def took(self, name: str, started: float) -> None:
-        """Record a step's wall time; earlier invocations' steps stay in the file."""
-        self.seconds[name] = round(time.monotonic() - started, 1)
-        self.seconds_file.write_text(json.dumps(self.seconds, indent=2) + "\n")
-        log(f"{name}: {self.seconds[name]} s")
+        """Add a finished step's wall time (a step that was killed counts from its last
+        start); earlier invocations' steps stay in the file."""
+        elapsed = time.monotonic() - started
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 1)
+        storage.write_text(self.work / SECONDS_FILE, json.dumps(self.seconds, indent=2) + "\n")
+        log(f"{name}: {elapsed:.1f} s")
+
+    def peak_rss_gb(self) -> float:
+        """The largest resident set of this invocation's processes and of earlier ones."""
+        rss = max(resource.getrusage(who).ru_maxrss for who in
+                  (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024**2  # fmt: skip
+        peak = round(max(rss, _read_json(self.work / PEAK_FILE, 0.0)), 2)
+        storage.write_text(self.work / PEAK_FILE, f"{peak}\n")
+        return peak
 
     def refine_af(self, name: str, done: Path, *args: str) -> None:
         """Run one ``refine-af`` command unless ``done`` exists; its progress goes to stderr."""
@@ -83,7 +91,8 @@ class Experiment:
                    "--workspace", str(self.work)]  # fmt: skip
         log(f"{name}: {' '.join(command[1:])}")
         started = time.monotonic()
-        if subprocess.run(command).returncode != 0:
+        # the stages' tables go to stderr too: stdout ends with the one JSON line
+        if subprocess.run(command, stdout=sys.stderr).returncode != 0:
             sys.exit(f"paper_claim: {name} failed; rerun the same command to continue")
         self.took(name, started)
 
@@ -105,7 +114,7 @@ class Experiment:
         """Held-out reward of the base policy and of every checkpoint, appended to a file
         line by line so a rerun scores only what is missing."""
         path = self.work / HELDOUT_FILE
-        done = {row["step"]: row for row in _read_jsonl(path)}
+        done = {row["step"]: row for row in records.read_journal(path)}
         checkpoints = sorted(
             (int(p.name.removeprefix("checkpoint-")), p)
             for p in (self.work / "stage2" / "checkpoints").glob("checkpoint-*")
@@ -125,8 +134,7 @@ class Experiment:
                 done[step] = {"step": step, "reward": round(mean, 4), "floored": floored,
                               "completions": len(heldout)}  # fmt: skip
                 log(f"held-out reward at step {step}: {mean:.4f} ({floored} floored)")
-                with path.open("a") as out:
-                    out.write(json.dumps(done[step]) + "\n")
+                records.append_jsonl(path, [done[step]])
             self.took("held-out reward", started)
         return [done[s] for s, _ in wanted]
 
@@ -148,10 +156,26 @@ class Experiment:
         return folder
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _read_json(path: Path, default):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def pick_policy(curve: list[dict]) -> dict:
+    """The checkpoint with the best held-out reward (the earliest among equals); the last
+    one when none beats the base policy (step 0), since the experiment compares RL with
+    no RL."""
+    best = max(curve, key=lambda row: (row["reward"], -row["step"]))
+    if best["step"] == 0:
+        log("no checkpoint beats the base policy on held-out reward; using the last one")
+        return curve[-1]
+    return best
+
+
+def command_line(argv: list[str]) -> str:
+    """How to rerun this: ``make experiment`` for its defaults, else the script itself."""
+    if argv == ["--work", "experiment"]:
+        return "make experiment"
+    return " ".join([".venv/bin/python benchmarks/paper_claim.py", *argv])
 
 
 def parent_run(work: Path) -> str:
@@ -169,7 +193,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=HERE / "paper_claim.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="a.b=c")
     parser.add_argument("--work", type=Path, default=Path("experiment"),
-                        help="work folder; a rerun with the same one continues")  # fmt: skip
+                        help="work folder; a rerun with the same one continues (other "
+                        "settings or --heldout need a new folder)")  # fmt: skip
     parser.add_argument("--heldout", type=int, default=40,
                         help="seed instructions held out for the development signal")  # fmt: skip
     parser.add_argument("--sft-learning-rates", type=float, nargs="+", default=[2e-4, 1e-3],
@@ -193,10 +218,7 @@ def main() -> None:
     exp.refine_af("stage 2", work / "stage2" / "summary.json", "rlaf",
                   "--instructions", str(rl_prompts), "--out", str(work / "stage2"))  # fmt: skip
     curve = exp.heldout_curve(heldout * 2)  # two samples of each held-out instruction
-    best = max(curve, key=lambda row: (row["reward"], -row["step"]))
-    if best["step"] == 0:
-        log("no checkpoint beats the base policy on held-out reward; using the last one")
-        best = curve[-1]
+    best = pick_policy(curve)
     policy = str(work / "policies" / f"step-{best['step']}")
     log(f"RL policy: the checkpoint of step {best['step']} (held-out reward {best['reward']})")
 
@@ -231,8 +253,6 @@ def main() -> None:
                   "--out", str(work / "stage5"))  # fmt: skip
 
     outcome = results_page.collect(work, curve, best["step"], exp.seconds, stage4, losses)
-    peak = max(resource.getrusage(who).ru_maxrss for who in
-               (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024**2  # fmt: skip
     line = {
         "bench": "paper_claim",
         "instructions": outcome.instructions,
@@ -246,11 +266,16 @@ def main() -> None:
         "heldout_reward_base": curve[0]["reward"],
         "heldout_reward_rl": best["reward"],
         "seconds": round(sum(exp.seconds.values()), 1),
-        "peak_rss_gb": round(peak, 2),
+        "peak_rss_gb": exp.peak_rss_gb(),
+        "rl_policy_step": best["step"],
+        "sft_learning_rate": chosen,
     }
-    results_page.write(args.results, outcome, line, sys.argv[1:])
+    results_page.write(args.results, outcome, line, command_line(sys.argv[1:]))
     figures = {k: v for k, v in line.items() if isinstance(v, (int, float))}
-    tracking.log_to_run(work, run_id, figures)
+    choices = {"refine_af.rl_policy_step": str(best["step"]),
+               "refine_af.sft_learning_rate": f"{chosen:g}",
+               "refine_af.heldout_instructions": str(args.heldout)}  # fmt: skip
+    tracking.log_to_run(work, run_id, figures, choices)
     client = tracking.connect(work)
     for row in curve:
         client.log_metric(run_id, "heldout_reward", row["reward"], step=row["step"])

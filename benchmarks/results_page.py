@@ -153,25 +153,44 @@ def _instance(row: dict) -> str:
 FLAT = 0.05  # held-out reward (range −1 to 4) this close counts as no rise
 
 
-def flattening_step(curve: list[dict], tolerance: float = FLAT) -> int | None:
+def flattening_step(curve: list[dict], tolerance: float = FLAT) -> int:
     """The first checkpoint after which held-out reward never rises by more than
-    ``tolerance`` above it: where the curve flattens."""
+    ``tolerance`` above it: where the curve flattens (the last one always qualifies)."""
     for i, row in enumerate(curve):
         if all(later["reward"] <= row["reward"] + tolerance for later in curve[i + 1 :]):
             return row["step"]
-    return None
+    raise ValueError("an empty held-out curve")
 
 
-def generated_block(outcome: Outcome, line: dict, argv: list[str], figures: str) -> str:
+def curve_sentence(curve: list[dict], policy_step: int) -> str:
+    """Where the held-out reward stopped rising, and which checkpoint was kept, in words."""
+    flat, last = flattening_step(curve), curve[-1]["step"]
+    if flat == 0:
+        shape = f"no checkpoint rose more than {FLAT} above the base policy's held-out reward"
+    elif flat == last:
+        shape = f"the held-out reward was still rising at the last checkpoint (step {last})"
+    else:
+        shape = (f"the held-out reward flattens from step {flat} (no later checkpoint more "
+                 f"than {FLAT} above it)")  # fmt: skip
+    best = max(row["reward"] for row in curve)
+    kept = next(row for row in curve if row["step"] == policy_step)
+    if kept["reward"] < best or kept["reward"] <= curve[0]["reward"]:
+        choice = (f"no checkpoint beat the base policy, so the last one (step {policy_step}) "
+                  "is the RL policy")  # fmt: skip
+    else:
+        choice = f"the checkpoint of step {policy_step}, the best, is the RL policy"
+    return f"{shape}; {choice}."
+
+
+def generated_block(outcome: Outcome, line: dict, command: str, figures: str) -> str:
     c = outcome.comparison
     s3, s4 = outcome.stage3, outcome.stage4
     verdict = "meets" if c["pct_improved"] >= 63.0 and c["ci_low"] > 0 else "does not meet"
-    flat = flattening_step(outcome.curve)
     lines = [
         BEGIN,
         "",
         "```bash",
-        "make experiment    # = .venv/bin/python benchmarks/paper_claim.py " + " ".join(argv),
+        command,
         "```",
         "",
         f"The run {verdict} the paper's result (≥ 63% of tasks improved with the interval "
@@ -181,13 +200,15 @@ def generated_block(outcome: Outcome, line: dict, argv: list[str], figures: str)
         "|---|---|---|",
         f"| SuperNI ROUGE-L, mean over {c['tasks']} tasks | {c['candidate_rougeL']:.2f} "
         f"| {c['baseline_rougeL']:.2f} |",
-        f"| held-out composite reward of the policy | {line['heldout_reward_rl']:.4f} "
-        f"(step {outcome.policy_step}) | {line['heldout_reward_base']:.4f} |",
+        f"| held-out composite reward of the policy (the score that selected the step) "
+        f"| {line['heldout_reward_rl']:.4f} (step {outcome.policy_step}) "
+        f"| {line['heldout_reward_base']:.4f} |",
         f"| stage 3 instances kept (of {s3['rl']['instructions']} instructions) "
         f"| {s3['rl']['kept']} | {s3['base']['kept']} |",
         f"| stage 3 mean reward of kept instances | {s3['rl']['mean_reward']} "
         f"| {s3['base']['mean_reward']} |",
-        f"| SFT held-out loss, before → after | {s4['rl']['eval_loss_before']} → "
+        f"| SFT held-out loss, before → after (each arm on its own held-out instructions) "
+        f"| {s4['rl']['eval_loss_before']} → "
         f"{s4['rl']['eval_loss']} | {s4['base']['eval_loss_before']} → "
         f"{s4['base']['eval_loss']} |",
         "",
@@ -196,10 +217,8 @@ def generated_block(outcome: Outcome, line: dict, argv: list[str], figures: str)
         f"| {c['tasks']} | {c['improved']} ({c['pct_improved']:.1f}%) | {c['ties']} "
         f"| {c['worse']} | {c['mean_delta']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] |",
         "",
-        f"{outcome.instructions} instructions, {outcome.rl_steps} RL steps; the held-out "
-        f"reward flattens from step {flat} (no later checkpoint more than {FLAT} above it)."
-        if flat is not None
-        else "",
+        f"{outcome.instructions} instructions, {outcome.rl_steps} RL steps; "
+        + curve_sentence(outcome.curve, outcome.policy_step),
         "",
         "```json",
         json.dumps(line),
@@ -263,15 +282,17 @@ def generated_block(outcome: Outcome, line: dict, argv: list[str], figures: str)
     return "\n".join(lines)
 
 
-def write(page: Path, outcome: Outcome, line: dict, argv: list[str]) -> None:
+def write(page: Path, outcome: Outcome, line: dict, command: str) -> None:
     """Rewrite the generated block of ``page`` (creating the page if needed) and its figures."""
     figures = page.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
     plot_deltas_by_category(outcome.comparison, figures / "deltas_by_category.png")
     plot_reward_curve(outcome.history, outcome.curve, outcome.policy_step,
                       figures / "reward_curve.png")  # fmt: skip
-    block = generated_block(outcome, line, argv, figures.name)
+    block = generated_block(outcome, line, command, figures.name)
     text = page.read_text() if page.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{page}: needs one {BEGIN} line before one {END} line")
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
     staging = page.with_suffix(".md.tmp")

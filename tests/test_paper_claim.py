@@ -76,11 +76,50 @@ def work(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _curve(points: list[tuple[int, float]]) -> list[dict]:
+    return [{"step": s, "reward": r} for s, r in points]
+
+
 def test_the_curve_flattens_at_the_first_point_no_later_one_beats() -> None:
-    curve = [{"step": s, "reward": r} for s, r in [(0, 0.1), (10, 0.5), (20, 0.8), (30, 0.84)]]
+    curve = _curve([(0, 0.1), (10, 0.5), (20, 0.8), (30, 0.84)])
     assert results_page.flattening_step(curve) == 20
-    rising = [{"step": s, "reward": r} for s, r in [(0, 0.1), (10, 0.5), (20, 0.9)]]
-    assert results_page.flattening_step(rising) == 20  # the last point: nothing after it
+    assert "flattens from step 20" in results_page.curve_sentence(curve, 30)
+    rising = _curve([(0, 0.1), (10, 0.5), (20, 0.9)])
+    assert "still rising at the last checkpoint" in results_page.curve_sentence(rising, 20)
+
+
+def test_the_best_checkpoint_is_the_policy_or_the_last_when_none_beats_the_base() -> None:
+    assert (
+        paper_claim.pick_policy(_curve([(0, 0.1), (10, 0.5), (20, 0.5), (30, 0.3)]))["step"] == 10
+    )
+    worse = _curve([(0, 0.9), (10, 0.5), (20, 0.6)])
+    assert paper_claim.pick_policy(worse)["step"] == 20
+    assert "no checkpoint beat the base policy" in results_page.curve_sentence(worse, 20)
+
+
+def test_the_command_shown_is_the_one_that_reruns_it() -> None:
+    assert paper_claim.command_line(["--work", "experiment"]) == "make experiment"
+    assert paper_claim.command_line(["--work", "/tmp/x", "--heldout", "8"]) == (
+        ".venv/bin/python benchmarks/paper_claim.py --work /tmp/x --heldout 8"
+    )
+
+
+def test_the_committed_results_page_has_its_generated_block() -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text()
+    assert text.count(results_page.BEGIN) == 1 and text.count(results_page.END) == 1
+
+
+def test_a_page_without_its_markers_is_refused_not_overwritten(work: Path, tmp_path: Path) -> None:
+    page = tmp_path / "results.md"
+    page.write_text(f"# Results\n\n{results_page.BEGIN}\nno end marker: the discussion follows\n")
+    curve = [{"step": 0, "reward": 0.2, "floored": 1, "completions": 8}]
+    stage4 = {arm: work / f"stage4-{arm}-lr0.001" for arm in ("base", "rl")}
+    outcome = results_page.collect(work, curve, 0, {}, stage4, {0.001: 1.5})
+    with pytest.raises(SystemExit, match="needs one"):
+        results_page.write(
+            page, outcome, {"heldout_reward_rl": 0.2, "heldout_reward_base": 0.2}, "x"
+        )
+    assert "the discussion follows" in page.read_text()
 
 
 def test_tasks_get_their_superni_category_and_unknown_ones_are_not_guessed() -> None:
@@ -120,7 +159,7 @@ def test_a_rerun_rewrites_only_the_generated_block(work: Path, tmp_path: Path) -
     page.write_text(f"# Results\n\nintro\n\n{results_page.BEGIN}\nold\n{results_page.END}\n\n"
                     "## Discussion\n\nkept by hand\n")  # fmt: skip
     line = {"bench": "paper_claim", "heldout_reward_rl": 0.4, "heldout_reward_base": 0.2}
-    results_page.write(page, outcome, line, ["--work", "x"])
+    results_page.write(page, outcome, line, "make experiment")
     text = page.read_text()
     assert text.startswith("# Results\n\nintro\n\n") and text.endswith("kept by hand\n")
     assert "old" not in text and json.dumps(line) in text
