@@ -4,9 +4,11 @@ stage 3's prompts.
 Reference: the same ``TransformersBackend`` with batch size 1, i.e. a loop that calls
 ``generate`` once per prompt. Ours: length-sorted, left-padded batches (stage 3's
 setting, batch 16). The endpoint path: the ``openai`` backend with as many requests in
-flight as the batch size, against ``transformers serve`` on 127.0.0.1 serving the same
+flight as the batch size (``--in-flight`` to change), against ``transformers serve`` on
+127.0.0.1 serving the same
 model folder in float32, once without and once with its continuous batching
-(``--continuous-batching``), each started fresh and warmed up with one round of requests.
+(``--continuous-batching``, plus ``--cb-flags``), each started fresh and warmed up with one
+round of requests.
 All decode greedily with the same token limit on the same prompts (stage 3's
 instance-writing prompts for the bundled seed instructions). Throughput counts the tokens
 each completion kept (in-process: up to its EOS; server: its usage count). The last line
@@ -90,6 +92,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--in-flight", type=int, default=None,
+                        help="requests the endpoint backend keeps in flight "
+                        "(generation.endpoint.max_concurrency; default: --batch-size)")  # fmt: skip
     parser.add_argument("--cb-flags", default="",
                         help="extra `transformers serve` flags for the continuous-batching "
                         "server, e.g. '--cb-num-blocks 64 --cb-max-batch-tokens 512'")  # fmt: skip
@@ -113,11 +118,14 @@ def main() -> None:
     cb_flags = ("--continuous-batching", *args.cb_flags.split())
     for name, flags in (("endpoint", ()), ("endpoint_cb", cb_flags)):
         with served(model_dir, *flags) as url:
-            settings = EndpointSettings(base_url=url, server="transformers", max_concurrency=size)
+            in_flight = args.in_flight or size
+            settings = EndpointSettings(
+                base_url=url, server="transformers", max_concurrency=in_flight
+            )
             endpoint = OpenAIBackend.from_settings(settings, model_dir)
             rate, tokens, seconds = tokens_per_second(endpoint, batch, params, size)
         endpoint_rates[name] = rate
-        print(f"{name} ({size} in flight): {tokens} tokens in {seconds:.1f} s")
+        print(f"{name} ({in_flight} in flight): {tokens} tokens in {seconds:.1f} s")
     result = {
         "bench": "generation",
         "batched_tok_s": round(batched_rate, 2),
@@ -130,6 +138,7 @@ def main() -> None:
         "prompts": len(batch),
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
+        "in_flight": args.in_flight or args.batch_size,
         "cb_flags": args.cb_flags,
         "threads": torch.get_num_threads(),
         "load_1min": round(os.getloadavg()[0], 2),
