@@ -35,7 +35,7 @@ from pathlib import Path
 
 from rlaf_cpu import heldout_reward, split_instructions
 
-from refine_af import records, storage, tracking
+from refine_af import records, storage, tracking, training
 from refine_af.config import RunConfig, load_config
 from refine_af.feedback import CompositeReward, build_scorers
 from refine_af.records import InstructionRecord
@@ -148,9 +148,7 @@ class Experiment:
             shutil.copytree(self.work / "stage2" / "adapter", staging)  # the tokenizer files
             for name in ADAPTER_FILES:
                 shutil.copy2(checkpoint / name, staging / name)
-            settings = json.loads((staging / ADAPTER_FILES[1]).read_text())
-            settings["base_model_name_or_path"] = self.config.model.base
-            (staging / ADAPTER_FILES[1]).write_text(json.dumps(settings, indent=2) + "\n")
+            training.name_base(staging, self.config.model.base)
             shutil.rmtree(folder, ignore_errors=True)
             staging.rename(folder)
         return folder

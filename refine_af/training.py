@@ -180,11 +180,16 @@ def save_adapter(trainer, staging: Path, base_reference: str) -> bool:
         return False
     trainer.processing_class.save_pretrained(str(staging))
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle no loader needs
-    adapter_config = staging / models.ADAPTER_CONFIG
-    settings = json.loads(adapter_config.read_text())
-    settings["base_model_name_or_path"] = base_reference  # not this machine's cache path
-    adapter_config.write_text(json.dumps(settings, indent=2) + "\n")
+    name_base(staging, base_reference)
     return True
+
+
+def name_base(adapter_dir: Path, base_reference: str) -> None:
+    """Make an adapter's config name its base by reference, not this machine's cache path."""
+    adapter_config = adapter_dir / models.ADAPTER_CONFIG
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = base_reference
+    adapter_config.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def publish(staging: Path, target: Path) -> None:
