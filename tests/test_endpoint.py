@@ -1,7 +1,8 @@
 """The OpenAI-compatible backend against a real ``transformers serve`` on 127.0.0.1.
 
-The server is transformers' own (``pip install transformers[serving]``), serving the bundled
-model from its local folder on the CPU in float32, as the in-process backend runs it.
+The server is transformers' own (``pip install transformers[serving]``), started as users
+start it here (``python -m refine_af.local_server``), serving the bundled model from its
+local folder on the CPU in float32, as the in-process backend runs it.
 Failures (refused, 5xx, timeout, wrong model) come from small servers on loopback too.
 """
 
@@ -18,6 +19,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,8 +36,6 @@ from refine_af.generation import SamplingParams, TransformersBackend, backend_fo
 from refine_af.instances_format import Instance, build_prompt
 from refine_af.records import SeedTask
 
-SERVE = Path(sys.executable).with_name("transformers")
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -43,14 +43,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(bundled_model_dir: Path) -> Iterator[str]:
-    """``transformers serve`` on 127.0.0.1; its /v1 base URL. Stopped after the module."""
+@contextmanager
+def local_server(*flags: str) -> Iterator[str]:
+    """``python -m refine_af.local_server`` on 127.0.0.1; its /v1 base URL, stopped after."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(
-        [str(SERVE), "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--device", "cpu", "--dtype", "float32"],
+        [sys.executable, "-m", "refine_af.local_server", "--host", "127.0.0.1",
+         "--port", str(port), "--device", "cpu", "--dtype", "float32", *flags],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -67,6 +67,13 @@ def served(bundled_model_dir: Path) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(bundled_model_dir: Path) -> Iterator[str]:
+    """The server, one request at a time per prompt. Stopped after the module."""
+    with local_server() as url:
+        yield url
 
 
 def endpoint_overrides(base_url: str, **extra: object) -> list[str]:
@@ -87,18 +94,9 @@ def in_process(bundled_model_dir: Path) -> TransformersBackend:
     return TransformersBackend.from_reference(str(bundled_model_dir), device="cpu", batch_size=8)
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.parametrize("chat", [False, True])
-def test_temperature_0_completions_equal_in_process(
-    served: str, bundled_model_dir: Path, in_process: TransformersBackend, chat: bool
-) -> None:
+def assert_equal_completions(endpoint: OpenAIBackend, in_process: TransformersBackend, chat: bool):
     prompts = stage3_prompts(8)
     params = SamplingParams(max_new_tokens=24, temperature=0.0, stop=("\n\n",))
-    endpoint = OpenAIBackend.from_settings(
-        EndpointSettings(base_url=served, server="transformers", max_concurrency=4),
-        str(bundled_model_dir),
-    )
     remote = endpoint.generate(prompts, params, chat=chat)
     local = in_process.generate(prompts, params, chat=chat)
     assert [c.text for c in remote] == [c.text for c in local]
@@ -110,6 +108,33 @@ def test_temperature_0_completions_equal_in_process(
         c.finish_reason for c, near in zip(local, near_limit, strict=True) if not near
     ]
     assert not all(near_limit)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("chat", [False, True])
+def test_temperature_0_completions_equal_in_process(
+    served: str, bundled_model_dir: Path, in_process: TransformersBackend, chat: bool
+) -> None:
+    endpoint = OpenAIBackend.from_settings(
+        EndpointSettings(base_url=served, server="transformers", max_concurrency=4),
+        str(bundled_model_dir),
+    )
+    assert_equal_completions(endpoint, in_process, chat)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_continuous_batching_completions_equal_in_process(
+    bundled_model_dir: Path, in_process: TransformersBackend
+) -> None:
+    """Eight requests in flight share the server's batches; packed_sdpa attends within each."""
+    with local_server("--continuous-batching") as url:
+        endpoint = OpenAIBackend.from_settings(
+            EndpointSettings(base_url=url, server="transformers", max_concurrency=8),
+            str(bundled_model_dir),
+        )
+        assert_equal_completions(endpoint, in_process, chat=False)
 
 
 @pytest.mark.integration
