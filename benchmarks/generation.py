@@ -3,12 +3,12 @@ stage 3's prompts.
 
 Reference: the same ``TransformersBackend`` with batch size 1, i.e. a loop that calls
 ``generate`` once per prompt. Ours: length-sorted, left-padded batches (stage 3's
-setting, batch 16). The endpoint path: the ``openai`` backend with as many requests in
-flight as the batch size (``--in-flight`` to change), against ``transformers serve`` on
-127.0.0.1 serving the same
-model folder in float32, once without and once with its continuous batching
-(``--continuous-batching``, plus ``--cb-flags``), each started fresh and warmed up with one
-round of requests.
+setting, batch 16). The endpoint path: the ``openai`` backend with its default requests in
+flight (``generation.endpoint.max_concurrency``; ``--in-flight`` to change), against
+``transformers serve`` on 127.0.0.1 as ``python -m refine_af.local_server`` starts it (with
+per-request attention for continuous batching), serving the same model folder in float32,
+once without and once with its continuous batching (``--continuous-batching``, plus
+``--cb-flags``), each started fresh and warmed up with one round of requests.
 All decode greedily with the same token limit on the same prompts (stage 3's
 instance-writing prompts for the bundled seed instructions). Throughput counts the tokens
 each completion kept (in-process: up to its EOS; server: its usage count). The last line
@@ -27,7 +27,6 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
@@ -49,11 +48,12 @@ def prompts(count: int) -> list[str]:
 
 @contextmanager
 def served(model_dir: str, *extra: str) -> Iterator[str]:
-    """``transformers serve`` on a free loopback port; its /v1 URL, stopped afterwards."""
+    """``python -m refine_af.local_server`` on a free loopback port; its /v1 URL, stopped
+    afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [str(Path(sys.executable).with_name("transformers")), "serve", model_dir,
+    command = [sys.executable, "-m", "refine_af.local_server", model_dir,
                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
                "--dtype", "float32", *extra]  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--in-flight", type=int, default=None,
                         help="requests the endpoint backend keeps in flight "
-                        "(generation.endpoint.max_concurrency; default: --batch-size)")  # fmt: skip
+                        "(default: generation.endpoint.max_concurrency, "
+                        f"{EndpointSettings().max_concurrency})")  # fmt: skip
     parser.add_argument("--cb-flags", default="",
                         help="extra `transformers serve` flags for the continuous-batching "
                         "server, e.g. '--cb-num-blocks 64 --cb-max-batch-tokens 512'")  # fmt: skip
@@ -118,7 +119,7 @@ def main() -> None:
     cb_flags = ("--continuous-batching", *args.cb_flags.split())
     for name, flags in (("endpoint", ()), ("endpoint_cb", cb_flags)):
         with served(model_dir, *flags) as url:
-            in_flight = args.in_flight or size
+            in_flight = args.in_flight or EndpointSettings().max_concurrency
             settings = EndpointSettings(
                 base_url=url, server="transformers", max_concurrency=in_flight
             )
@@ -138,7 +139,7 @@ def main() -> None:
         "prompts": len(batch),
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
-        "in_flight": args.in_flight or args.batch_size,
+        "in_flight": args.in_flight or EndpointSettings().max_concurrency,
         "cb_flags": args.cb_flags,
         "threads": torch.get_num_threads(),
         "load_1min": round(os.getloadavg()[0], 2),

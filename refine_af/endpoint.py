@@ -64,7 +64,7 @@ class OpenAIBackend:
     """Completions from an OpenAI-compatible server, concurrently, in prompt order."""
 
     def __init__(
-        self, client: openai.OpenAI, model: str, *, server: str = "vllm", max_concurrency: int = 16
+        self, client: openai.OpenAI, model: str, *, server: str = "vllm", max_concurrency: int = 32
     ) -> None:
         self.client, self.model = client, model
         self.traits = SERVERS[server]
