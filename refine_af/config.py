@@ -102,8 +102,8 @@ class EndpointSettings(Section):
     max_concurrency: int = Field(
         32,
         ge=1,
-        description="requests in flight at once; the server batches them (on 2 CPU cores 32 "
-        "outran 16, docs/deploy.md)",
+        description="requests in flight at once; a continuous-batching server batches them "
+        "(a server without it answers one at a time: lower this or raise timeout)",
     )
     timeout: float = Field(300.0, gt=0.0, description="seconds per request")
     max_retries: int = Field(2, ge=0, description="the openai client's retries per request")

@@ -30,7 +30,7 @@ from refine_af import locking, records
 from refine_af.config import EndpointSettings, load_config
 from refine_af.data import seed_tasks_path
 from refine_af.endpoint import TOP_LOGPROBS, OpenAIBackend, yes_share
-from refine_af.errors import InputError
+from refine_af.errors import EndpointUnavailable, InputError
 from refine_af.feedback import JudgeScorer
 from refine_af.generation import SamplingParams, TransformersBackend, backend_for
 from refine_af.instances_format import Instance, build_prompt
@@ -71,7 +71,8 @@ def local_server(*flags: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def served(bundled_model_dir: Path) -> Iterator[str]:
-    """The server, one request at a time per prompt. Stopped after the module."""
+    """The server without continuous batching (one ``generate`` per request). Stopped after
+    the module."""
     with local_server() as url:
         yield url
 
@@ -128,13 +129,17 @@ def test_temperature_0_completions_equal_in_process(
 def test_continuous_batching_completions_equal_in_process(
     bundled_model_dir: Path, in_process: TransformersBackend
 ) -> None:
-    """Eight requests in flight share the server's batches; packed_sdpa attends within each."""
+    """Eight requests in flight share the server's batches and answer as in-process; a request
+    that samples unlike the first is refused, not sampled like the first."""
     with local_server("--continuous-batching") as url:
         endpoint = OpenAIBackend.from_settings(
             EndpointSettings(base_url=url, server="transformers", max_concurrency=8),
             str(bundled_model_dir),
         )
         assert_equal_completions(endpoint, in_process, chat=False)
+        sampled = SamplingParams(max_new_tokens=4, temperature=0.7, top_p=0.5)
+        with pytest.raises(EndpointUnavailable, match="HTTP 400: this continuous-batching"):
+            endpoint.generate(stage3_prompts(1), sampled)
 
 
 @pytest.mark.integration

@@ -1,13 +1,18 @@
-"""``packed_sdpa`` computes what transformers' SDPA computes on a packed continuous batch."""
+"""``packed_sdpa`` computes what transformers' SDPA computes on a packed continuous batch;
+the server refuses a request that would be sampled unlike it asked."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from fastapi import HTTPException
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from refine_af.local_server import packed_sdpa
+from refine_af import local_server
+from refine_af.local_server import packed_sdpa, refuse_other_sampling
 
 HEADS, KV_HEADS, DIM = 6, 2, 8
 
@@ -42,6 +47,7 @@ def packed_batch(new: list[int], total: list[int]) -> dict:
         ([1, 1, 1], [5, 9, 2]),  # decode only
         ([4, 1, 3], [4, 7, 3]),  # prefills beside a decode
         ([2, 1], [6, 3]),  # a chunked prefill: queries at the end of a longer cache
+        ([2, 1, 0], [2, 4, 0]),  # an empty padding request: as many requests as queries
     ],
 )
 def test_packed_sdpa_equals_sdpa_with_the_batch_mask(new: list[int], total: list[int]) -> None:
@@ -52,14 +58,37 @@ def test_packed_sdpa_equals_sdpa_with_the_batch_mask(new: list[int], total: list
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_what_is_not_a_packed_batch_goes_to_transformers_sdpa() -> None:
-    """A padded batch (in-process generate) carries no cumulative lengths; a sliding window
-    needs the mask this function does not apply to decodes."""
+def test_what_is_not_a_packed_batch_goes_to_transformers_sdpa(monkeypatch) -> None:
+    """A padded batch (in-process generate) carries no cumulative lengths; sliding windows
+    and dropout are left to transformers."""
+    calls = []
+    monkeypatch.setattr(
+        local_server, "sdpa_attention_forward", lambda *a, **k: calls.append(k) or ("stock", None)
+    )
     batch = packed_batch([1, 1], [3, 4])
     padded = {k: batch[k] for k in ("query", "key", "value", "attention_mask")}
-    expected, _ = sdpa_attention_forward(Attention(), **padded, scaling=1.0)
-    torch.testing.assert_close(packed_sdpa(Attention(), **padded, scaling=1.0)[0], expected)
     windowed = Attention()
     windowed.sliding_window = 2
-    cross, _ = sdpa_attention_forward(windowed, **batch, scaling=1.0)
-    torch.testing.assert_close(packed_sdpa(windowed, **batch, scaling=1.0)[0], cross)
+    assert packed_sdpa(Attention(), **padded, scaling=1.0)[0] == "stock"
+    assert packed_sdpa(windowed, **batch, scaling=1.0)[0] == "stock"
+    assert packed_sdpa(Attention(), **batch, dropout=0.1)[0] == "stock"
+    assert len(calls) == 3
+    assert packed_sdpa(Attention(), **batch, scaling=1.0)[0].shape == (1, 2, HEADS, DIM)
+    assert len(calls) == 3
+
+
+def test_a_request_sampling_unlike_the_first_is_refused() -> None:
+    """transformers' continuous batching samples every request with the first one's config."""
+    started = []
+    init_cb = refuse_other_sampling(lambda manager, model, config: started.append(config))
+    manager = SimpleNamespace()
+    greedy = SimpleNamespace(do_sample=False, temperature=None, top_p=None, top_k=None)
+    sampled = SimpleNamespace(do_sample=True, temperature=0.7, top_p=0.5, top_k=None)
+    init_cb(manager, None, greedy)
+    init_cb(manager, None, greedy)
+    with pytest.raises(HTTPException) as refused:
+        init_cb(manager, None, sampled)
+    assert refused.value.status_code == 400
+    assert "'temperature': 0.7" in refused.value.detail
+    assert "--continuous-batching" in refused.value.detail
+    assert started == [greedy, greedy]
