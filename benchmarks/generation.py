@@ -39,6 +39,7 @@ from refine_af.instances_format import build_prompt
 from refine_af.records import SeedTask
 
 MODEL = "smollm2-135m-instruct"
+SERVER = "refine_af.local_server"
 
 
 def prompts(count: int) -> list[str]:
@@ -47,13 +48,14 @@ def prompts(count: int) -> list[str]:
 
 
 @contextmanager
-def served(model_dir: str, *extra: str) -> Iterator[str]:
-    """``python -m refine_af.local_server`` on a free loopback port; its /v1 URL, stopped
-    afterwards."""
+def served(model_dir: str, *extra: str, stock: bool = False) -> Iterator[str]:
+    """``python -m refine_af.local_server`` (``stock``: plain ``transformers serve``) on a free
+    loopback port; its /v1 URL, stopped afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "refine_af.local_server", model_dir,
+    entry = ["-m", "transformers.cli.transformers", "serve"] if stock else ["-m", SERVER]
+    command = [sys.executable, *entry, model_dir,
                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
                "--dtype", "float32", *extra]  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -99,6 +101,9 @@ def main() -> None:
     parser.add_argument("--cb-flags", default="",
                         help="extra `transformers serve` flags for the continuous-batching "
                         "server, e.g. '--cb-num-blocks 64 --cb-max-batch-tokens 512'")  # fmt: skip
+    parser.add_argument("--stock-server", action="store_true",
+                        help="serve with plain `transformers serve` (its own attention) instead "
+                        f"of {SERVER}, to compare")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,9 +122,9 @@ def main() -> None:
     model_dir = models.resolve(MODEL)
     endpoint_rates = {}
     cb_flags = ("--continuous-batching", *args.cb_flags.split())
+    in_flight = args.in_flight or EndpointSettings().max_concurrency
     for name, flags in (("endpoint", ()), ("endpoint_cb", cb_flags)):
-        with served(model_dir, *flags) as url:
-            in_flight = args.in_flight or EndpointSettings().max_concurrency
+        with served(model_dir, *flags, stock=args.stock_server) as url:
             settings = EndpointSettings(
                 base_url=url, server="transformers", max_concurrency=in_flight
             )
@@ -139,8 +144,9 @@ def main() -> None:
         "prompts": len(batch),
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
-        "in_flight": args.in_flight or EndpointSettings().max_concurrency,
+        "in_flight": in_flight,
         "cb_flags": args.cb_flags,
+        "server": "transformers serve" if args.stock_server else SERVER,
         "threads": torch.get_num_threads(),
         "load_1min": round(os.getloadavg()[0], 2),
     }
