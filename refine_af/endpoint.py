@@ -242,7 +242,7 @@ def _detail(err: openai.APIStatusError) -> str:
     body = err.body
     if isinstance(body, dict):
         body = body.get("detail") or body.get("message") or body.get("error") or body
-    return str(body)[:300]
+    return str(body)[:500]
 
 
 def served_base(config: RunConfig) -> str:

@@ -117,10 +117,12 @@ def refuse_other_sampling(init_cb):
         asked = {name: getattr(gen_config, name, None) for name in SHARED_SAMPLING}
         first = manager.__dict__.setdefault("_first_sampling", asked)
         if asked != first:
+            other = [name for name in SHARED_SAMPLING if asked[name] != first[name]]
             raise HTTPException(
                 status_code=400,
-                detail=f"this continuous-batching server samples every request as its first "
-                f"one did ({first}); this request asks {asked}. Start one server per sampling "
+                detail="this continuous-batching server samples every request like its first "
+                f"one ({', '.join(f'{n}={first[n]}' for n in other)}); this request asks "
+                f"{', '.join(f'{n}={asked[n]}' for n in other)}. Start one server per sampling "
                 "setting, or one without --continuous-batching",
             )
         return init_cb(manager, model, gen_config)

@@ -89,6 +89,6 @@ def test_a_request_sampling_unlike_the_first_is_refused() -> None:
     with pytest.raises(HTTPException) as refused:
         init_cb(manager, None, sampled)
     assert refused.value.status_code == 400
-    assert "'temperature': 0.7" in refused.value.detail
+    assert "asks do_sample=True, temperature=0.7, top_p=0.5." in refused.value.detail
     assert "--continuous-batching" in refused.value.detail
     assert started == [greedy, greedy]
