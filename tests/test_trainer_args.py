@@ -206,7 +206,8 @@ def test_empty_trainer_args_leave_the_config_hash_as_it_was() -> None:
     config = load_config("local-cpu")
     assert "trainer_args" not in config.to_dict()["stage2"]
     assert "trainer_args" not in config.to_dict()["stage4"]
-    assert config.config_hash() == "04e441892a0a"
+    # Pinned: it changes only when a default changes (last: generation.endpoint.max_concurrency 32).
+    assert config.config_hash() == "53b1123a0669"
     passed = load_config("local-cpu", ["stage2.trainer_args={epsilon: 0.3}"])
     assert passed.to_dict()["stage2"]["trainer_args"] == {"epsilon": 0.3}
     assert passed.config_hash() != config.config_hash()
